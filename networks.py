@@ -4,7 +4,7 @@ Pure nn.Module code, no I/O. Every network is built from a ModelConfig, one per
 dataset (image size, channels, code sizes, layer widths), so a new dataset is a
 new config rather than a copy of the networks.
 
-Normalisation: every layer uses InstanceNorm2d(affine=False, track_running_stats=False).
+Normalisation: every layer uses instance norm without affine parameters or running statistics.
 The reference built its instance norms with track_running_stats=True, so in eval mode
 they switched to running averages and evaluation codes differed from training codes.
 Here an image is always normalised with its own statistics, in training and in
@@ -67,11 +67,26 @@ def weights_init(m):
         nn.init.zeros_(m.bias)
 
 
+class InstanceNorm(nn.Module):
+    """Instance normalisation without affine parameters or running statistics.
+
+    Computed as group norm with one group per channel: the same function as
+    nn.InstanceNorm2d(affine=False, track_running_stats=False) (tests check this), but
+    PyTorch's group-norm kernel is about four times faster on the CPU.
+    """
+
+    def __init__(self, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return F.group_norm(x, x.shape[1], eps=self.eps)
+
+
 def conv_stack(in_ch, widths, padding, act):
     layers = []
     for w in widths:
-        layers += [nn.Conv2d(in_ch, w, 5, stride=2, padding=padding),
-                   nn.InstanceNorm2d(w), act()]
+        layers += [nn.Conv2d(in_ch, w, 5, stride=2, padding=padding), InstanceNorm(), act()]
         in_ch = w
     return nn.Sequential(*layers)
 
@@ -115,7 +130,7 @@ class Decoder(nn.Module):
             layers.append(nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=p, output_padding=op))
             size = (size - 1) * 2 - 2 * p + 4 + op
             if i < len(widths) - 2:
-                layers += [nn.InstanceNorm2d(cout), nn.LeakyReLU(0.2)]
+                layers += [InstanceNorm(), nn.LeakyReLU(0.2)]
         if size != cfg.image_size:
             raise ValueError(f"decoder produces {size}x{size} images, config says {cfg.image_size}")
         self.deconvs = nn.Sequential(*layers)

@@ -20,10 +20,11 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from data_loader import PairSampler, default_data_root, load_dataset
 from networks import CONFIGS, Decoder, Discriminator, Encoder, get_config, kl_divergence, reparameterize
-from utils import (CHECKPOINT_FORMAT, CheckpointError, UserError, atomic_save, library_versions,
+from utils import (CHECKPOINT_FORMAT, CheckpointError, HelpFormatter, UserError, atomic_save, library_versions,
                    load_checkpoint, load_state, pick_device, rng_state, run_cli, save_grid_png,
                    seed_everything, set_rng_state, swap_grid, to_float)
 
@@ -42,7 +43,7 @@ class DivergenceError(UserError):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train the disentangling autoencoder of Mathieu et al. (2016).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--dataset", default="mnist", choices=sorted(CONFIGS), help="dataset and network config")
     p.add_argument("--data-root", default=None,
                    help="data folder (default: $DISENTANGLE_DATA_ROOT, else ./data)")
@@ -326,9 +327,11 @@ def merge_resume_args(args, ckpt):
     saved = dict(ckpt["args"])
     defaults = vars(get_args_parser().parse_args([]))
     for k, v in vars(args).items():
+        if v == defaults.get(k) and k != "resume":
+            continue  # not given on this command line: keep the checkpoint's value
         if k in RESUMABLE:
             saved[k] = v
-        elif v != defaults.get(k) and v != saved.get(k):
+        elif v != saved.get(k):
             raise CheckpointError(f"--{k.replace('_', '-')} {v} differs from the checkpoint's "
                                   f"{saved.get(k)}: a resumed run keeps the checkpoint's setting")
     if args.run_dir is None:  # continue in the checkpoint's own run directory
@@ -401,9 +404,9 @@ def main(args):
                        "steps_per_epoch": steps_per_epoch, "versions": library_versions()}, f, indent=2)
     log_file = open(os.path.join(run_dir, "log.txt"), "a")
 
-    def log(msg):
-        from tqdm import tqdm
-        tqdm.write(msg)
+    def log(msg, console=True):
+        if console:
+            tqdm.write(msg)
         log_file.write(msg + "\n")
         log_file.flush()
 
@@ -424,9 +427,8 @@ def main(args):
         save_grid_png(swap_grid(t.encoder, t.decoder, grid_x, grid_x),
                       os.path.join(run_dir, "samples", f"swap_{step:07d}.png"))
 
-    from tqdm import tqdm
     bar = tqdm(total=total, initial=step, disable=not args.progress, unit="it", dynamic_ncols=True)
-    status = 0
+    status, tick = 0, time.perf_counter()
     try:
         if step == 0:
             sample()
@@ -442,6 +444,10 @@ def main(args):
             if step % args.log_every == 0:
                 bar.set_postfix(rec=f"{m['recon_loss']:.4f}", gen=f"{m['gen_loss']:.3f}",
                                 disc=f"{m['disc_loss']:.3f}", acc=f"{m['disc_acc']:.2f}")
+                now = time.perf_counter()
+                log(f"step {step} epoch {step // steps_per_epoch} | {args.log_every / (now - tick):.2f} it/s | "
+                    + " ".join(f"{k} {m[k]:.4g}" for k in METRICS), console=not args.progress)
+                tick = now
             if step % args.sample_every == 0 or step == total:
                 sample()
             if step % ckpt_every == 0 or step == total:

@@ -1,4 +1,5 @@
 """Shared helpers: errors, devices, seeding, checkpoints, swap grids."""
+import argparse
 import os
 import platform
 import random
@@ -19,6 +20,15 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     pass
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults in --help, except None ones and where the help text already says."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def run_cli(main, parser):
@@ -89,8 +99,8 @@ def code_version():
 
 def library_versions():
     import torchvision
-    return {"code": code_version(), "python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": np.__version__}
+    return {"code": code_version(), "python": platform.python_version(), "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__), "numpy": str(np.__version__)}
 
 
 def check_versions(saved, path):

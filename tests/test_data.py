@@ -1,0 +1,81 @@
+import os
+
+import pytest
+import torch
+
+from conftest import SHARED_DATA, needs_mnist
+from data_loader import DataError, PairSampler, load_dataset
+
+
+def test_fake_mnist_loads(fake_mnist):
+    ds = load_dataset("mnist", fake_mnist, "train")
+    assert ds.images.shape == (256, 1, 28, 28) and ds.images.dtype == torch.uint8
+    assert ds.labels.shape == (256,) and ds.num_classes == 10
+    assert len(load_dataset("mnist", fake_mnist, "test")) == 64
+
+
+def test_pairs_share_their_label_and_are_redrawn():
+    labels = torch.arange(200) % 7
+    sampler = PairSampler(labels, seed=0)
+    draws = []
+    for _ in range(20):
+        a, b = sampler.pairs(32)
+        assert (labels[a] == labels[b]).all()
+        draws.append(b.clone())
+    # the same anchors get new partners: pairs are drawn afresh, not cached from the first epoch
+    sampler2 = PairSampler(labels, seed=0)
+    a0, _ = sampler2.pairs(32)
+    partners = {tuple(sampler2.partners(a0).tolist()) for _ in range(5)}
+    assert len(partners) == 5
+
+
+def test_every_image_is_an_anchor_once_per_epoch():
+    sampler = PairSampler(torch.arange(100) % 3, seed=1)
+    seen = torch.cat([sampler.anchors(20) for _ in range(5)])
+    assert sorted(seen.tolist()) == list(range(100))
+
+
+def test_sampler_is_seeded_and_resumable():
+    labels = torch.arange(90) % 9
+    s1, s2 = PairSampler(labels, 3), PairSampler(labels, 3)
+    for _ in range(4):
+        assert all(torch.equal(u, v) for u, v in zip(s1.pairs(16), s2.pairs(16)))
+    state = s1.state_dict()
+    expected = [s1.pairs(16) for _ in range(6)]
+    s3 = PairSampler(labels, 99)
+    s3.load_state_dict(state)
+    for (a, b), (c, d) in zip(expected, (s3.pairs(16) for _ in range(6))):
+        assert torch.equal(a, c) and torch.equal(b, d)
+
+
+def test_partner_offsets_stay_inside_their_class():
+    labels = torch.tensor([0] * 3 + [1] * 50000)
+    sampler = PairSampler(labels, 0)
+    for _ in range(50):
+        a, b = sampler.pairs(1000)
+        assert (labels[a] == labels[b]).all()
+
+
+def test_missing_files_give_one_clear_message(tmp_path):
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.*MNIST/raw"):
+        load_dataset("mnist", str(tmp_path), "train")
+
+
+def test_missing_root_is_an_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset("mnist", str(tmp_path / "nope"), "train")
+
+
+def test_truncated_file_is_an_error(fake_mnist):
+    path = os.path.join(fake_mnist, "MNIST", "raw", "train-images-idx3-ubyte")
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(DataError, match="truncated or corrupted"):
+        load_dataset("mnist", fake_mnist, "train")
+
+
+@needs_mnist
+def test_real_mnist_loads():
+    ds = load_dataset("mnist", SHARED_DATA, "train")
+    assert ds.images.shape == (60000, 1, 28, 28)
+    assert torch.bincount(ds.labels).tolist()[0] == 5923

@@ -1,0 +1,240 @@
+"""The training iteration: the gate, the 2:1 schedule, equivalence with the reference's
+straightforward form, exact resume."""
+import csv
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train
+from conftest import SHARED_DATA, needs_mnist
+from data_loader import ImageSet
+from networks import get_config
+
+
+def tiny_set(n=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8),
+                    torch.arange(n) % 4, 4)
+
+
+def make_trainer(*argv):
+    args = train.get_args_parser().parse_args(["--batch-size", "8", *argv])
+    torch.manual_seed(0)
+    return train.Trainer(get_config("mnist"), args, tiny_set(), torch.device("cpu"))
+
+
+def snapshot(module):
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_generator_steps_twice_and_reconstruction_once_per_iteration():
+    t = make_trainer()
+    train.train_iteration(t)
+    p = t.ae_params[0]
+    assert int(t.opt_gen.state[p]["step"]) == 2
+    assert int(t.opt_ae.state[p]["step"]) == 1
+    t = make_trainer("--gen-steps", "3")
+    train.train_iteration(t)
+    assert int(t.opt_gen.state[t.ae_params[0]]["step"]) == 3
+
+
+def test_closed_gate_leaves_discriminator_bit_for_bit_unchanged(monkeypatch):
+    t = make_trainer()  # default gate 0.8
+    real = train.discriminator_loss
+
+    def winning(t_, *xs):  # a discriminator that is right on exactly 80% of the batch
+        loss, _ = real(t_, *xs)
+        return loss, torch.tensor(0.8)
+
+    monkeypatch.setattr(train, "discriminator_loss", winning)
+    before = snapshot(t.discriminator)
+    m = train.train_iteration(t)
+    assert m["disc_stepped"] == 0 and m["disc_acc"] == pytest.approx(0.8)
+    assert same(before, snapshot(t.discriminator))
+    assert len(t.opt_disc.state) == 0  # no optimiser work at all
+    assert all(p.grad is None for p in t.discriminator.parameters())  # and no backward pass
+
+
+def test_open_gate_steps_the_discriminator(monkeypatch):
+    t = make_trainer()
+    real = train.discriminator_loss
+    monkeypatch.setattr(train, "discriminator_loss", lambda t_, *xs: (real(t_, *xs)[0], torch.tensor(0.79)))
+    before = snapshot(t.discriminator)
+    m = train.train_iteration(t)
+    assert m["disc_stepped"] == 1
+    assert not same(before, snapshot(t.discriminator))
+
+
+def test_gate_zero_never_steps():
+    t = make_trainer("--disc-gate", "0")
+    before = snapshot(t.discriminator)
+    for _ in range(3):
+        assert train.train_iteration(t)["disc_stepped"] == 0
+    assert same(before, snapshot(t.discriminator))
+
+
+# ---------------------------------------------------------------- equivalence with the reference form
+# The reference encodes x1 and x2 in separate passes, decodes each code pair separately and calls
+# backward once per loss term with retain_graph=True. train.py concatenates batches and calls
+# backward once per update. Instance norm is per-sample, so both must give the same losses and
+# gradients. lr = 0 keeps the weights fixed, so the gradients left in .grad can be compared.
+
+def grads(params):
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def zero(params):
+    for p in params:
+        p.grad = None
+
+
+def assert_all_close(xs, ys):
+    for x, y in zip(xs, ys):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+def batches(t, n):
+    return [t.batch(t.sampler.anchors(8)) for _ in range(n)]
+
+
+def test_reconstruction_step_matches_reference_form():
+    t = make_trainer("--lr", "1e-30")
+    x1, x2 = batches(t, 2)
+    state = t.noise.get_state()
+    rec, kl = train.reconstruction_step(t, x1, x2)
+    ours = grads(t.ae_params)
+
+    zero(t.ae_params)
+    eps = torch.randn(8, t.cfg.style_dim, generator=torch.Generator().manual_seed(0).set_state(state))
+    mu1, lv1, s1 = t.encoder(x1)
+    z1 = mu1 + torch.exp(0.5 * lv1) * eps
+    kl_ref = -0.5 * torch.sum(1 + lv1 - mu1.pow(2) - lv1.exp()) / (8 * 28 * 28)
+    kl_ref.backward(retain_graph=True)
+    _, _, s2 = t.encoder(x2)
+    r1 = F.mse_loss(t.decoder(z1, s1), x1)
+    r1.backward(retain_graph=True)
+    r2 = F.mse_loss(t.decoder(z1, s2), x1)
+    r2.backward()
+    torch.testing.assert_close(rec, (r1 + r2).detach())
+    torch.testing.assert_close(kl, kl_ref.detach())
+    assert_all_close(ours, grads(t.ae_params))
+
+
+def test_generator_step_matches_reference_form():
+    t = make_trainer("--lr", "1e-30")
+    x1, x3 = batches(t, 2)
+    state = t.noise.get_state()
+    gen = train.generator_step(t, x1, x3)
+    ours = grads(t.ae_params)
+    assert all(p.grad is None for p in t.discriminator.parameters())  # D is not updated here
+
+    zero(t.ae_params)
+    g = torch.Generator().manual_seed(0).set_state(state)
+    eps1 = torch.randn(8, t.cfg.style_dim, generator=g)
+    eps2 = torch.randn(8, t.cfg.style_dim, generator=g)
+    real = torch.ones(8, dtype=torch.long)
+    mu1, lv1, _ = t.encoder(x1)
+    z1 = mu1 + torch.exp(0.5 * lv1) * eps1
+    kl = -0.5 * torch.sum(1 + lv1 - mu1.pow(2) - lv1.exp()) / (8 * 28 * 28)
+    kl.backward(retain_graph=True)
+    _, _, s3 = t.encoder(x3)
+    g1 = F.cross_entropy(t.discriminator(x3, t.decoder(z1, s3)), real)
+    g1.backward(retain_graph=True)
+    g2 = F.cross_entropy(t.discriminator(x3, t.decoder(eps2, s3)), real)
+    g2.backward()
+    torch.testing.assert_close(gen, (g1 + g2).detach())
+    assert_all_close(ours, grads(t.ae_params))
+
+
+def test_discriminator_step_matches_reference_form():
+    t = make_trainer("--lr", "1e-30")
+    x1, x2, x3 = batches(t, 3)
+    loss, acc = train.discriminator_loss(t, x1, x2, x3)
+    t.update(t.opt_disc, loss)
+    dparams = list(t.discriminator.parameters())
+    ours = grads(dparams)
+
+    zero(dparams)
+    real_out = t.discriminator(x2, x3)
+    lr_ = F.cross_entropy(real_out, torch.ones(8, dtype=torch.long))
+    lr_.backward()
+    mu1, _, _ = t.encoder(x1)
+    _, _, s3 = t.encoder(x3)
+    fake_out = t.discriminator(x3, t.decoder(mu1, s3))
+    lf = F.cross_entropy(fake_out, torch.zeros(8, dtype=torch.long))
+    lf.backward()
+    pred = torch.cat([real_out, fake_out]).argmax(1)
+    acc_ref = (pred == torch.cat([torch.ones(8), torch.zeros(8)]).long()).float().mean()
+    torch.testing.assert_close(loss, (lr_ + lf).detach())
+    assert acc.item() == acc_ref.item()
+    assert_all_close(ours, grads(dparams))
+
+
+# ---------------------------------------------------------------- whole runs
+
+def run(argv):
+    return train.main(train.get_args_parser().parse_args(argv + ["--no-progress"]))
+
+
+def common(data, run_dir):
+    return ["--data-root", data, "--run-dir", str(run_dir), "--batch-size", "16", "--seed", "3",
+            "--sample-every", "4", "--log-every", "2"]
+
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def test_resume_is_exact(fake_mnist, tmp_path):
+    run(common(fake_mnist, tmp_path / "a") + ["--max-steps", "10"])
+    run(common(fake_mnist, tmp_path / "b") + ["--max-steps", "5"])
+    run(["--resume", str(tmp_path / "b" / "checkpoints" / "last.pt"), "--max-steps", "10"])
+    a, b = load(tmp_path / "a" / "checkpoints" / "last.pt"), load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 10
+    for name in ("encoder", "decoder", "discriminator"):
+        assert same(a[name], b[name]), name
+    for name in ("opt_ae", "opt_gen", "opt_disc"):
+        sa, sb = a[name]["state"], b[name]["state"]
+        assert sa.keys() == sb.keys() and all(same(sa[k], sb[k]) for k in sa)
+    with open(tmp_path / "a" / "metrics.csv") as f:
+        rows_a = list(csv.reader(f))
+    with open(tmp_path / "b" / "metrics.csv") as f:
+        rows_b = list(csv.reader(f))
+    assert rows_a == rows_b  # same per-step losses, no duplicated or missing steps
+
+
+def test_checkpoint_is_complete_and_loads_weights_only(fake_mnist, tmp_path):
+    run(common(fake_mnist, tmp_path) + ["--max-steps", "6", "--checkpoint-every", "2",
+                                        "--keep-checkpoints", "2"])
+    ck = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert ck == ["last.pt", "step_0000004.pt", "step_0000006.pt"]
+    c = load(tmp_path / "checkpoints" / "last.pt")  # weights_only=True: plain values and tensors
+    for key in ("encoder", "decoder", "discriminator", "opt_ae", "opt_gen", "opt_disc", "step", "epoch",
+                "rng", "sampler", "noise", "args", "model_config", "versions"):
+        assert key in c
+    assert set(c["rng"]) >= {"python", "numpy", "torch"}
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in c["encoder"])
+
+
+def test_run_directory_refuses_to_be_reused(fake_mnist, tmp_path):
+    run(common(fake_mnist, tmp_path) + ["--max-steps", "2"])
+    with pytest.raises(train.UserError, match="already holds a run"):
+        run(common(fake_mnist, tmp_path) + ["--max-steps", "2"])
+    run(common(fake_mnist, tmp_path) + ["--max-steps", "3", "--overwrite"])
+    assert load(tmp_path / "checkpoints" / "last.pt")["step"] == 3
+
+
+@needs_mnist
+def test_a_few_steps_on_real_mnist(tmp_path):
+    run(["--data-root", SHARED_DATA, "--run-dir", str(tmp_path), "--max-steps", "3", "--batch-size", "32"])
+    c = load(tmp_path / "checkpoints" / "last.pt")
+    assert c["step"] == 3 and c["args"]["dataset"] == "mnist"
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(float(r["recon_loss"]) > 0 for r in rows)
