@@ -31,9 +31,18 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def one_line_errors(parser):
+    """Make argparse report bad arguments as one `error:` line (exit 2) instead of usage + error."""
+    def error(message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+    parser.error = error
+    return parser
+
+
 def run_cli(main, parser):
     """Parse arguments, run main(args), and turn a UserError into one clear line."""
-    args = parser.parse_args()
+    args = one_line_errors(parser).parse_args()
     try:
         return main(args)
     except UserError as e:

@@ -5,9 +5,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train
+from benchmarks import reference_style as ref
 from conftest import SHARED_DATA, needs_mnist
 from data_loader import ImageSet
 from networks import get_config
@@ -111,18 +111,10 @@ def test_reconstruction_step_matches_reference_form():
     ours = grads(t.ae_params)
 
     zero(t.ae_params)
-    eps = torch.randn(8, t.cfg.style_dim, generator=torch.Generator().manual_seed(0).set_state(state))
-    mu1, lv1, s1 = t.encoder(x1)
-    z1 = mu1 + torch.exp(0.5 * lv1) * eps
-    kl_ref = -0.5 * torch.sum(1 + lv1 - mu1.pow(2) - lv1.exp()) / (8 * 28 * 28)
-    kl_ref.backward(retain_graph=True)
-    _, _, s2 = t.encoder(x2)
-    r1 = F.mse_loss(t.decoder(z1, s1), x1)
-    r1.backward(retain_graph=True)
-    r2 = F.mse_loss(t.decoder(z1, s2), x1)
-    r2.backward()
-    torch.testing.assert_close(rec, (r1 + r2).detach())
-    torch.testing.assert_close(kl, kl_ref.detach())
+    eps = torch.randn(8, t.cfg.style_dim, generator=torch.Generator().set_state(state))
+    rec_ref, kl_ref = ref.reconstruction_losses(t.encoder, t.decoder, x1, x2, eps, 28 * 28)
+    torch.testing.assert_close(rec, rec_ref)
+    torch.testing.assert_close(kl, kl_ref)
     assert_all_close(ours, grads(t.ae_params))
 
 
@@ -135,20 +127,10 @@ def test_generator_step_matches_reference_form():
     assert all(p.grad is None for p in t.discriminator.parameters())  # D is not updated here
 
     zero(t.ae_params)
-    g = torch.Generator().manual_seed(0).set_state(state)
-    eps1 = torch.randn(8, t.cfg.style_dim, generator=g)
-    eps2 = torch.randn(8, t.cfg.style_dim, generator=g)
-    real = torch.ones(8, dtype=torch.long)
-    mu1, lv1, _ = t.encoder(x1)
-    z1 = mu1 + torch.exp(0.5 * lv1) * eps1
-    kl = -0.5 * torch.sum(1 + lv1 - mu1.pow(2) - lv1.exp()) / (8 * 28 * 28)
-    kl.backward(retain_graph=True)
-    _, _, s3 = t.encoder(x3)
-    g1 = F.cross_entropy(t.discriminator(x3, t.decoder(z1, s3)), real)
-    g1.backward(retain_graph=True)
-    g2 = F.cross_entropy(t.discriminator(x3, t.decoder(eps2, s3)), real)
-    g2.backward()
-    torch.testing.assert_close(gen, (g1 + g2).detach())
+    g = torch.Generator().set_state(state)
+    eps1, eps2 = torch.randn(8, t.cfg.style_dim, generator=g), torch.randn(8, t.cfg.style_dim, generator=g)
+    gen_ref = ref.generator_losses(t.encoder, t.decoder, t.discriminator, x1, x3, eps1, eps2, 28 * 28)
+    torch.testing.assert_close(gen, gen_ref)
     assert_all_close(ours, grads(t.ae_params))
 
 
@@ -161,19 +143,23 @@ def test_discriminator_step_matches_reference_form():
     ours = grads(dparams)
 
     zero(dparams)
-    real_out = t.discriminator(x2, x3)
-    lr_ = F.cross_entropy(real_out, torch.ones(8, dtype=torch.long))
-    lr_.backward()
-    mu1, _, _ = t.encoder(x1)
-    _, _, s3 = t.encoder(x3)
-    fake_out = t.discriminator(x3, t.decoder(mu1, s3))
-    lf = F.cross_entropy(fake_out, torch.zeros(8, dtype=torch.long))
-    lf.backward()
-    pred = torch.cat([real_out, fake_out]).argmax(1)
-    acc_ref = (pred == torch.cat([torch.ones(8), torch.zeros(8)]).long()).float().mean()
-    torch.testing.assert_close(loss, (lr_ + lf).detach())
+    loss_ref, acc_ref = ref.discriminator_losses(t.encoder, t.decoder, t.discriminator, x1, x2, x3)
+    torch.testing.assert_close(loss, loss_ref)
     assert acc.item() == acc_ref.item()
     assert_all_close(ours, grads(dparams))
+
+
+def test_reference_style_iteration_runs():
+    """The speed baseline of benchmarks/ runs and updates all three optimisers' parameters."""
+    t = make_trainer()
+    nets = [ref.with_running_stat_norms(n) for n in t.nets()]
+    opts = (t.opt_ae, t.opt_gen, torch.optim.Adam(nets[2].parameters()))
+    before = snapshot(nets[0])
+    stream = ref.batches(ref.PairedImages(t.images, t.sampler.labels), 8)
+    ref.reference_iteration(*nets, opts, stream, t.cfg, gate=1.01)
+    assert not same(before, snapshot(nets[0]))
+    assert isinstance(next(m for m in nets[0].modules() if isinstance(m, torch.nn.InstanceNorm2d)),
+                      torch.nn.InstanceNorm2d)
 
 
 # ---------------------------------------------------------------- whole runs

@@ -1,0 +1,169 @@
+"""Training throughput of train.py's real iteration, per dataset config, on one device.
+
+For each config it times `train.train_iteration` (the function train.py runs) after a
+warm-up, as the median of several timed windows, and reports iterations/s, images/s
+(batch size x iterations/s, so dataset size / images/s = seconds per epoch) and peak memory
+(RSS; allocated GPU memory on CUDA). Each measurement runs in its own subprocess, so peak
+memory is per configuration. With --baseline it also times the reference implementation's
+form of the same iteration (benchmarks/reference_style.py: per-item Python pairing in a
+DataLoader, separate passes, one backward per loss term, running-statistics instance norm).
+
+    python benchmarks/train_throughput.py --data-root ../shared/data --baseline --json results/throughput.json
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+import train  # noqa: E402
+from benchmarks import reference_style as ref  # noqa: E402
+from data_loader import ImageSet, load_dataset  # noqa: E402
+from networks import CONFIGS, get_config  # noqa: E402
+from utils import HelpFormatter, UserError, pick_device  # noqa: E402
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Benchmark training iterations per second.", formatter_class=HelpFormatter)
+    p.add_argument("--datasets", nargs="+", default=sorted(CONFIGS), choices=sorted(CONFIGS))
+    p.add_argument("--data-root", default=None,
+                   help="use the real training set where it loads from here (else random images of the config's size)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=False,
+                   help="also time the reference implementation's form of the iteration")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
+    p.add_argument("--window-seconds", type=float, default=2.0, help="length of each timed window")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--json", default=None, help="write the results here as JSON")
+    p.add_argument("--single", nargs=2, metavar=("DATASET", "IMPL"), help=argparse.SUPPRESS)
+    return p
+
+
+def training_set(name, data_root, n=4096):
+    """The real training set where it loads, else random images of the config's size in 10 classes."""
+    if data_root:
+        try:
+            return load_dataset(name, data_root, "train"), "real"
+        except UserError:
+            pass
+    cfg = CONFIGS[name]
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, cfg.channels, cfg.image_size, cfg.image_size), generator=g, dtype=torch.uint8)
+    return ImageSet(images, torch.arange(n) % 10, 10), "synthetic"
+
+
+def time_windows(step, device, warmup, windows, seconds):
+    """Median iterations/s over `windows` windows of at least `seconds` each (synchronised on CUDA)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        step()
+    sync()
+    rates = []
+    for _ in range(windows):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            step()
+            n += 1
+            sync()
+            if time.perf_counter() - t0 >= seconds:
+                break
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates), rates
+
+
+def measure(name, impl, args):
+    """One configuration in this process: returns a dict of results."""
+    device = pick_device(args.device)
+    data, source = training_set(name, args.data_root)
+    targs = train.get_args_parser().parse_args(
+        ["--dataset", name, "--batch-size", str(args.batch_size), "--device", args.device]
+        + (["--compile"] if args.compile else []) + (["--amp"] if args.amp else []))
+    cfg = get_config(name)
+    torch.manual_seed(0)
+    t = train.Trainer(cfg, targs, data, device)
+    if impl == "ours":
+        def step():
+            train.train_iteration(t)
+    else:
+        nets = [ref.with_running_stat_norms(n) for n in t.nets()]
+        adam = dict(lr=targs.lr, betas=(targs.beta1, targs.beta2))
+        ae = list(nets[0].parameters()) + list(nets[1].parameters())
+        opts = (torch.optim.Adam(ae, **adam), torch.optim.Adam(ae, **adam), torch.optim.Adam(nets[2].parameters(), **adam))
+        stream = ref.batches(ref.PairedImages(data.images, data.labels), args.batch_size)
+
+        def step():
+            ref.reference_iteration(*nets, opts, stream, cfg, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    its, rates = time_windows(step, device, args.warmup, args.windows, args.window_seconds)
+    out = {"dataset": name, "impl": impl, "data": source, "device": device.type, "batch_size": args.batch_size,
+           "it_per_s": round(its, 3), "images_per_s": round(its * args.batch_size, 1),
+           "window_it_per_s": [round(r, 3) for r in rates],
+           "epoch_minutes": round(len(data) / args.batch_size / its / 60, 2),
+           "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+           "threads": torch.get_num_threads(), "compile": args.compile, "amp": args.amp}
+    if device.type == "cuda":
+        out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    return out
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": str(torch.__version__), "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def main(args):
+    if args.single:
+        print(json.dumps(measure(*args.single, args)))
+        return 0
+    rows = []
+    for name in args.datasets:
+        for impl in ["ours"] + (["reference"] if args.baseline else []):
+            cmd = [sys.executable, os.path.abspath(__file__), "--single", name, impl, "--device", args.device,
+                   "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
+                   "--windows", str(args.windows), "--window-seconds", str(args.window_seconds)]
+            cmd += (["--data-root", args.data_root] if args.data_root else [])
+            cmd += (["--compile"] if args.compile else []) + (["--amp"] if args.amp else [])
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                raise UserError(f"benchmark of {name}/{impl} failed: {p.stderr.strip().splitlines()[-1:]}")
+            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
+            r = rows[-1]
+            print(f"{r['dataset']:8s} {r['impl']:9s} {r['it_per_s']:7.2f} it/s  {r['images_per_s']:8.1f} img/s  "
+                  f"{r['epoch_minutes']:6.2f} min/epoch  peak RSS {r['peak_rss_mib']:.0f} MiB"
+                  + (f"  GPU {r['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in r else ""), flush=True)
+    by = {(r["dataset"], r["impl"]): r for r in rows}
+    for name in args.datasets:
+        if (name, "reference") in by:
+            print(f"{name}: speed-up over the reference form x{by[name, 'ours']['it_per_s'] / by[name, 'reference']['it_per_s']:.2f}")
+    result = {"machine": machine(), "results": rows}
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    from utils import run_cli
+    sys.exit(run_cli(main, get_args_parser()))
