@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_loader import PairSampler, default_data_root, load_dataset
-from networks import CONFIGS, Decoder, Discriminator, Encoder, get_config, kl_divergence, reparameterize
+from networks import CONFIGS, Decoder, Discriminator, Encoder, ModelConfig, get_config, kl_divergence, reparameterize
 from utils import (CHECKPOINT_FORMAT, CheckpointError, HelpFormatter, UserError, atomic_save, library_versions,
                    load_checkpoint, load_state, pick_device, rng_state, run_cli, save_grid_png,
                    seed_everything, set_rng_state, swap_grid, to_float)
@@ -376,7 +376,10 @@ def main(args):
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
         args = merge_resume_args(args, ckpt)
-    cfg = get_config(args.dataset, style_dim=args.style_dim, class_dim=args.class_dim)
+    if ckpt is not None:  # the checkpoint's own model config is the truth for a resumed run
+        cfg = ModelConfig.from_dict(ckpt["model_config"])
+    else:
+        cfg = get_config(args.dataset, style_dim=args.style_dim, class_dim=args.class_dim)
     args.style_dim, args.class_dim = cfg.style_dim, cfg.class_dim
     args.data_root = args.data_root or default_data_root()
     args.run_dir = args.run_dir or default_run_dir(args)
