@@ -47,6 +47,13 @@ class ModelConfig:
 CONFIGS = {
     "mnist": ModelConfig(),
 }
+# LINEMOD crops, 64 x 64 RGB: five 5x5 stride-2 convolutions (padding 2) take 64 to 2
+# (64 -> 32 -> 16 -> 8 -> 4 -> 2); five 4x4 stride-2 transposed convolutions (padding 1) double
+# 2 back to 64. Codes z 64 / s 256 by default; the larger setting is --style-dim 256 --class-dim 512.
+CONFIGS["linemod"] = ModelConfig(image_size=64, channels=3, style_dim=64, class_dim=256,
+                                 enc_channels=(32, 64, 128, 256, 256), enc_padding=2,
+                                 dec_channels=(256, 256, 128, 64, 32), dec_padding=(1, 1, 1, 1, 1),
+                                 dec_output_padding=(0, 0, 0, 0, 0), disc_channels=(32, 64, 128, 256, 256))
 
 
 def get_config(dataset, **overrides):

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_loader import PairSampler, default_data_root, load_dataset
+from data_loader import (LINEMOD_EVAL_SPLIT, LINEMOD_MIN_VISIBILITY, LINEMOD_TRAIN_SPLIT, PairSampler,
+                         dataset_options, default_data_root, load_dataset)
 from networks import CONFIGS, Decoder, Discriminator, Encoder, ModelConfig, get_config, kl_divergence, reparameterize
 from utils import (CHECKPOINT_FORMAT, CheckpointError, HelpFormatter, UserError, atomic_save, library_versions,
                    load_checkpoint, load_state, pick_device, rng_state, run_cli, save_grid_png,
@@ -80,6 +81,14 @@ def get_args_parser():
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format (default: on for CUDA)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    lm = p.add_argument_group("LINEMOD (BOP layout <data-root>/lm/<split>/)")
+    lm.add_argument("--linemod-train-split", default=LINEMOD_TRAIN_SPLIT,
+                    help="BOP split trained on (train_pbr: PBR renders; train: BOP'18 renders; test: real photos)")
+    lm.add_argument("--linemod-eval-split", default=LINEMOD_EVAL_SPLIT,
+                    help="BOP split of the swap grids and evaluation; when it equals the training split, "
+                         "images with id %% 10 == 0 are held out of training for it")
+    lm.add_argument("--min-visibility", type=float, default=LINEMOD_MIN_VISIBILITY,
+                    help="skip object instances whose visible fraction (visib_fract) is below this")
     return p
 
 
@@ -362,9 +371,9 @@ def save_checkpoint(t, run_dir, step, epoch, keep, periodic=True):
 def fixed_grid_batch(args, n=8):
     """n images for the swap grids, from the test split where there is one, chosen by the seed."""
     try:
-        data = load_dataset(args.dataset, args.data_root, "test")
+        data = load_dataset(args.dataset, args.data_root, "test", **dataset_options(args))
     except UserError:
-        data = load_dataset(args.dataset, args.data_root, "train")
+        data = load_dataset(args.dataset, args.data_root, "train", **dataset_options(args))
     g = torch.Generator().manual_seed(args.seed)
     return to_float(data.images[torch.randperm(len(data), generator=g)[:n]])
 
@@ -385,7 +394,7 @@ def main(args):
     args.run_dir = args.run_dir or default_run_dir(args)
     device = pick_device(args.device)
 
-    train_set = load_dataset(args.dataset, args.data_root, "train")
+    train_set = load_dataset(args.dataset, args.data_root, "train", **dataset_options(args))
     if args.batch_size > len(train_set):
         raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images)")
     steps_per_epoch = len(train_set) // args.batch_size
