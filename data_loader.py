@@ -4,12 +4,19 @@ Each dataset is loaded once into an ImageSet: every image as one uint8 tensor
 (N, C, H, W) plus its class labels. Training moves the whole set to the training
 device and draws pairs by index, so the hot loop does no per-item Python work.
 """
+import hashlib
+import json
 import os
+import re
+import sys
+import time
+import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from utils import UserError
+from utils import UserError, atomic_save
 
 DATA_ROOT_ENV = "DISENTANGLE_DATA_ROOT"
 NO_DOWNLOAD_ENV = "DISENTANGLE_NO_DOWNLOAD"  # set to 1 to forbid any download (tests, offline clusters)
@@ -37,6 +44,18 @@ def default_data_root():
 
 def downloads_allowed():
     return os.environ.get(NO_DOWNLOAD_ENV, "0") in ("", "0")
+
+
+CACHE_DIR_ENV = "DISENTANGLE_CACHE_DIR"
+
+
+def cache_dir():
+    """Where derived data (e.g. the rendered sprites) is kept: $DISENTANGLE_CACHE_DIR, else
+    $XDG_CACHE_HOME/disentangle, else ~/.cache/disentangle. Never inside the data root."""
+    if os.environ.get(CACHE_DIR_ENV):
+        return os.environ[CACHE_DIR_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "disentangle")
 
 
 # ----------------------------------------------------------------------------- MNIST
@@ -163,7 +182,6 @@ LINEMOD_MIN_VISIBILITY = 0.1     # skip instances less visible than this (BOP's 
 LINEMOD_CROP_SCALE = 1.2         # crop side = 1.2 x the box's longer side: a little context around it
 LINEMOD_HOLDOUT_EVERY = 10       # train split == eval split: images with id % 10 == 0 are held out for eval
 LINEMOD_CACHE_FORMAT = "disentangle-linemod-cache-v1"
-CACHE_DIR_ENV = "DISENTANGLE_CACHE_DIR"
 
 # train.py argument -> load_linemod keyword; dataset_options() passes them on
 DATASET_OPTIONS = {"linemod": {"linemod_train_split": "train_split", "linemod_eval_split": "eval_split",
@@ -182,18 +200,15 @@ def dataset_options(args):
 def linemod_cache_path(split_dir, part, min_visibility, image_size, crop_scale):
     """One cache file per (split folder, part, crop settings), in $DISENTANGLE_CACHE_DIR or
     ~/.cache/disentangle: outside the data folder, which may be read-only."""
-    import hashlib
-    cache_dir = os.environ.get(CACHE_DIR_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "disentangle")
     key = repr((os.path.abspath(split_dir), part, float(min_visibility), int(image_size), float(crop_scale),
                 LINEMOD_HOLDOUT_EVERY))
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    return os.path.join(cache_dir, f"linemod_{os.path.basename(split_dir)}_{part}_{digest}.pt")
+    return os.path.join(cache_dir(), f"linemod_{os.path.basename(split_dir)}_{part}_{digest}.pt")
 
 
 def linemod_fingerprint(split_dir, scenes):
     """Sizes and mtimes of every scene's annotation files and image folder, and the image count:
     changes when annotations are edited or images are added or removed."""
-    import hashlib
     h = hashlib.sha1()
     for scene in scenes:
         d = os.path.join(split_dir, scene)
@@ -421,3 +436,333 @@ def load_linemod(root, split="train", train_split=LINEMOD_TRAIN_SPLIT, eval_spli
 
 
 DATASETS["linemod"] = load_linemod
+# ----------------------------------------------------------------------------- 2D Sprites
+#
+# Reed et al. (2015), "Deep Visual Analogy-Making": game characters whose identity (the
+# choice of body, clothes, hair, ...) is the specified factor and whose pose (action,
+# viewpoint, frame) is the unspecified one. Two sources, chosen by what <root> holds:
+#   <root>/sprites/      Reed's own files (sprites_<i>.mat + sprites_splits.mat), read as they are;
+#   <root>/lpc-sprites/  the LPC layer sheets, from which an equivalent set is rendered once
+#                        into a cache outside <root> (the data folder may be read-only).
+
+
+SPRITES_SPLITS = ("train", "val", "test")
+SPRITES_ACTIONS = ("spellcast", "thrust", "walk", "slash", "shoot")
+SPRITES_DIRECTIONS = ("up", "left", "down", "right")  # LPC row order within an action
+SPRITES_LAYERS = ("body", "shoes", "bottomwear", "topwear", "hair", "eyes")  # factor names
+SPRITES_SIZE = 60
+REED_ANIMATIONS = 20  # 5 actions x 4 viewpoints; Reed's 21st animation (hurt) is dropped
+
+# The LPC sheets: 64 x 64 cells, one row per (action, direction), frames along the row.
+LPC_SHEET_SIZE = (832, 1344)  # width, height: 13 x 21 cells
+LPC_CELL = 64
+LPC_ACTION_ROWS = (0, 4, 8, 12, 16)   # first row of each action, one row per direction
+LPC_ACTION_FRAMES = (7, 8, 9, 6, 13)  # frames of each action: 43 per direction, 172 per character
+LPC_DRAW_ORDER = ("body", "eyes", "shoes", "bottomwear", "topwear", "hair")  # back to front
+# The 60 x 60 window cut from each 64 x 64 cell: across all shared sheets the art lies in
+# rows 9-63 and columns 7-57 of a cell, so cutting rows 4-63 and columns 2-61 loses nothing
+# and keeps the pixel art unresampled.
+LPC_CROP_TOP, LPC_CROP_LEFT = 4, 2
+
+
+def _check_split(split):
+    if split not in SPRITES_SPLITS:
+        raise DataError(f"2D Sprites has no '{split}' split (choose {', '.join(SPRITES_SPLITS)})")
+
+
+def load_sprites(root, split="train"):
+    """2D Sprites: Reed's files if <root>/sprites/ exists, else rendered from <root>/lpc-sprites/."""
+    _check_split(split)
+    reed, sheets = os.path.join(root, "sprites"), os.path.join(root, "lpc-sprites")
+    if os.path.isdir(reed):
+        return load_reed_sprites(reed, split)
+    if os.path.isdir(sheets):
+        return load_rendered_sprites(sheets, split)
+    raise DataError(f"2D Sprites not found in {root}: put Reed's files (sprites_<i>.mat, sprites_splits.mat) "
+                    f"in {reed}/, or the LPC layer sheets in {sheets}/ to render an equivalent set (see README)")
+
+
+# ---------------------------------------------------------------- Reed's files
+
+def _numbered_files(folder, pattern):
+    """{number: path} of the files in `folder` whose names match `pattern` (one integer group)."""
+    found = {}
+    for name in os.listdir(folder):
+        m = re.fullmatch(pattern, name)
+        if m:
+            found[int(m.group(1))] = os.path.join(folder, name)
+    return dict(sorted(found.items()))
+
+
+def read_reed_character(path):
+    """One sprites_<i>.mat: uint8 images (N, 3, 60, 60) of its first 20 animations and their
+    action, direction and frame labels.
+
+    The file is MATLAB v7.3 (HDF5). `sprites` is a cell array of references, one per
+    animation; each animation is a frames x 10800 MATLAB array whose rows are 60 x 60 x 3
+    images flattened in MATLAB's column-major order (row index fastest, then column, then
+    channel). HDF5 stores MATLAB arrays with their dimensions reversed, so h5py sees
+    10800 x frames; the frame axis is found as the one that is not 10800 long.
+    """
+    import h5py
+
+    n_pix = 3 * SPRITES_SIZE * SPRITES_SIZE
+    images, action, direction, frame = [], [], [], []
+    try:
+        with h5py.File(path, "r") as f:
+            if "sprites" not in f:
+                raise DataError(f"{path} holds no 'sprites' cell array (keys: {', '.join(f.keys())})")
+            refs = np.asarray(f["sprites"][()]).ravel()
+            if len(refs) < REED_ANIMATIONS:
+                raise DataError(f"{path}: 'sprites' has {len(refs)} animations, expected 21")
+            for a in range(REED_ANIMATIONS):
+                x = np.asarray(f[refs[a]][()])
+                if x.ndim != 2 or n_pix not in x.shape:
+                    raise DataError(f"{path}: animation {a + 1} has shape {x.shape}, expected frames x {n_pix}")
+                if x.shape[1] != n_pix:
+                    x = x.T  # (frames, 10800)
+                # flat index = h + 60 w + 3600 c, so a C-order reshape gives [c, w, h]
+                x = x.reshape(len(x), 3, SPRITES_SIZE, SPRITES_SIZE).transpose(0, 1, 3, 2)
+                images.append(np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8))
+                action += [a // 4] * len(x)
+                direction += [a % 4] * len(x)
+                frame += list(range(len(x)))
+    except DataError:
+        raise
+    except Exception as e:  # truncated file, not HDF5 (e.g. an old-format .mat), bad reference
+        raise DataError(f"could not read {path} as a MATLAB v7.3 (HDF5) sprites file: "
+                        f"{e.__class__.__name__}: {e}") from None
+    return np.concatenate(images), {"action": np.array(action), "direction": np.array(direction),
+                                    "frame": np.array(frame)}
+
+
+def load_reed_sprites(folder, split="train"):
+    """Reed's 2D Sprites from `folder` (= <root>/sprites): the characters of one split.
+
+    sprites_splits.mat holds 1-based character indices `trainidx`, `validx`, `testidx`;
+    character k is the k-th sprites_<i>.mat in numeric order of i. Labels are the
+    characters' positions within the split (0..K-1); factors: action (0-4, as in
+    SPRITES_ACTIONS), direction (0-3, SPRITES_DIRECTIONS), frame, and identity (the
+    0-based character index over all splits). Layer labels are not in Reed's files.
+    """
+    import scipy.io
+
+    _check_split(split)
+    splits_path = os.path.join(folder, "sprites_splits.mat")
+    if not os.path.isfile(splits_path):
+        raise DataError(f"{splits_path} is missing (Reed's split of the characters)")
+    try:
+        idx = scipy.io.loadmat(splits_path)[{"train": "trainidx", "val": "validx", "test": "testidx"}[split]]
+    except Exception as e:
+        raise DataError(f"could not read {splits_path}: {e.__class__.__name__}: {e}") from None
+    chars = np.asarray(idx).ravel().astype(np.int64) - 1  # MATLAB indices are 1-based
+    files = list(_numbered_files(folder, r"sprites_(\d+)\.mat").values())
+    if len(chars) == 0:
+        raise DataError(f"{splits_path} lists no characters for the {split} split")
+    if chars.min() < 0 or chars.max() >= len(files):
+        raise DataError(f"{splits_path} refers to character {chars.max() + 1}, but {folder} holds "
+                        f"{len(files)} sprites_<i>.mat files")
+    images, labels, factors = [], [], {k: [] for k in ("action", "direction", "frame", "identity")}
+    for label, c in enumerate(chars):
+        x, f = read_reed_character(files[c])
+        images.append(x)
+        labels.append(np.full(len(x), label))
+        for k in ("action", "direction", "frame"):
+            factors[k].append(f[k])
+        factors["identity"].append(np.full(len(x), c))
+    return ImageSet(torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)).long(),
+                    len(chars), {k: torch.from_numpy(np.concatenate(v)).long() for k, v in factors.items()})
+
+
+# ---------------------------------------------------------------- rendering from the LPC sheets
+
+SPRITES_RENDER_VERSION = 1   # bump whenever rendering changes: old caches are then ignored
+SPRITES_SEED = 0             # which identities are drawn, and their split
+SPRITES_IDENTITIES = (500, 72, 100)  # train / val / test identities, as Reed's split of his 672
+SPRITES_BACKGROUND = 255     # white, opaque
+
+
+def lpc_poses():
+    """Sheet row, sheet column and (action, direction, frame) of the 172 cells of a character,
+    in the order the rendered images take: action, then direction, then frame."""
+    rows, cols, action, direction, frame = [], [], [], [], []
+    for a, (row0, n_frames) in enumerate(zip(LPC_ACTION_ROWS, LPC_ACTION_FRAMES)):
+        for d in range(len(SPRITES_DIRECTIONS)):
+            for f in range(n_frames):
+                rows.append(row0 + d)
+                cols.append(f)
+                action.append(a)
+                direction.append(d)
+                frame.append(f)
+    return tuple(np.array(v) for v in (rows, cols, action, direction, frame))
+
+
+def lpc_layer_files(sheet_dir):
+    """{layer: [sheet paths of variants 0, 1, ...]} for every layer in SPRITES_LAYERS."""
+    files = {}
+    for layer in SPRITES_LAYERS:
+        folder = os.path.join(sheet_dir, layer)
+        found = _numbered_files(folder, r"(\d+)\.png") if os.path.isdir(folder) else {}
+        if not found:
+            raise DataError(f"no LPC sheets for layer '{layer}': expected {folder}/0.png, 1.png, ...")
+        if list(found) != list(range(len(found))):
+            raise DataError(f"LPC variants of '{layer}' in {folder} are not numbered 0..{len(found) - 1}")
+        files[layer] = list(found.values())
+    return files
+
+
+def read_lpc_sheet(path):
+    """The 172 pose cells of one sheet, cut to 60 x 60: uint8 RGBA (172, 60, 60, 4)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            if im.size != LPC_SHEET_SIZE:
+                raise DataError(f"{path} is {im.size[0]} x {im.size[1]} pixels, expected "
+                                f"{LPC_SHEET_SIZE[0]} x {LPC_SHEET_SIZE[1]} (13 x 21 cells of 64 x 64)")
+            sheet = np.asarray(im.convert("RGBA"))  # palette sheets become RGBA here
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"could not read LPC sheet {path}: {e.__class__.__name__}: {e}") from None
+    cells = sheet.reshape(LPC_SHEET_SIZE[1] // LPC_CELL, LPC_CELL, LPC_SHEET_SIZE[0] // LPC_CELL, LPC_CELL, 4)
+    rows, cols = lpc_poses()[:2]
+    cells = cells[rows, :, cols]  # (172, 64, 64, 4)
+    return cells[:, LPC_CROP_TOP:LPC_CROP_TOP + SPRITES_SIZE, LPC_CROP_LEFT:LPC_CROP_LEFT + SPRITES_SIZE]
+
+
+def draw_identities(counts, n, seed):
+    """n distinct layer combinations (n, len(counts)) out of all prod(counts), drawn by `seed`.
+
+    Each combination is ranked by a SHA-256 of (seed, combination), so the draw is the same on
+    every platform and for every numpy version (numpy's generators promise no stable stream).
+    """
+    total = int(np.prod(counts))
+    if n > total:
+        raise DataError(f"{n} identities asked for, but the sheets allow only {total} combinations")
+    rank = sorted(range(total), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
+    return np.stack(np.unravel_index(np.array(rank[:n], dtype=np.int64), counts), 1)
+
+
+def composite(cells, variants, background=SPRITES_BACKGROUND):
+    """Characters drawn over an opaque background: uint8 (n, 172, 3, 60, 60).
+
+    cells: {layer: uint8 RGBA (variants, 172, 60, 60, 4)}; variants: (n, 6) in
+    SPRITES_LAYERS order. Layers go back to front (LPC_DRAW_ORDER) with the "over" operator
+    in exact integer arithmetic, out = round((out * (255 - a) + rgb * a) / 255), so the same
+    inputs give the same bytes on every machine. Only a layer's non-transparent pixels are
+    touched (about 46% of one image's pixels over all six layers), all characters that share a
+    variant at once: about ten times less work than blending every pixel of every layer.
+    """
+    n, (n_poses, h, w) = len(variants), cells[SPRITES_LAYERS[0]].shape[1:4]
+    out = np.full((n, n_poses * h * w, 3), background, np.uint8)
+    for layer in LPC_DRAW_ORDER:
+        column = variants[:, SPRITES_LAYERS.index(layer)]
+        for v in np.unique(column):
+            rows = np.nonzero(column == v)[0][:, None]        # characters wearing variant v
+            src = cells[layer][v].reshape(-1, 4)               # (172 * 60 * 60, RGBA)
+            pos = np.nonzero(src[:, 3])[0]                     # its non-transparent pixels
+            a = src[pos, 3:].astype(np.uint16)                 # (P, 1)
+            t = out[rows, pos].astype(np.uint16) * (255 - a) + src[pos, :3] * a + 128  # (r, P, 3)
+            out[rows, pos] = (t + (t >> 8)) >> 8               # = round(t' / 255), exact for t' <= 65025
+    return out.reshape(n, n_poses, h, w, 3).transpose(0, 1, 4, 2, 3)
+
+
+def render_sprites(sheet_dir, seed=SPRITES_SEED, identities=SPRITES_IDENTITIES,
+                   background=SPRITES_BACKGROUND, chunk=64):
+    """Render 2D Sprites from the LPC sheets: a dict of tensors, images ordered by identity
+    (train identities first, then val, then test), 172 poses each.
+
+    images uint8 (N, 3, 60, 60); identity (N,) 0..sum(identities)-1; action, direction,
+    frame (N,); one (N,) variant index per layer; variants (identities, 6); split_identities.
+    """
+    files = lpc_layer_files(sheet_dir)
+    cells = {layer: np.stack([read_lpc_sheet(p) for p in paths]) for layer, paths in files.items()}
+    n_ids = int(sum(identities))
+    variants = draw_identities([len(files[layer]) for layer in SPRITES_LAYERS], n_ids, seed)
+    _, _, action, direction, frame = lpc_poses()
+    n_poses = len(action)
+    images = np.empty((n_ids, n_poses, 3, SPRITES_SIZE, SPRITES_SIZE), np.uint8)  # 1.25 GB for 672
+    for i in range(0, n_ids, chunk):  # chunks bound the working memory (~0.15 GB for 64)
+        images[i:i + chunk] = composite(cells, variants[i:i + chunk], background)
+    out = {"images": torch.from_numpy(images.reshape(-1, 3, SPRITES_SIZE, SPRITES_SIZE)),
+           "identity": torch.arange(n_ids).repeat_interleave(n_poses),
+           "variants": torch.from_numpy(variants).long(),
+           "split_identities": torch.tensor(identities)}
+    for name, v in (("action", action), ("direction", direction), ("frame", frame)):
+        out[name] = torch.from_numpy(np.tile(v, n_ids)).long()
+    for j, layer in enumerate(SPRITES_LAYERS):
+        out[layer] = out["variants"][:, j].repeat_interleave(n_poses)
+    return out
+
+
+def sheets_digest(sheet_dir):
+    """SHA-256 over every sheet's bytes: a changed sheet means a new cache."""
+    h = hashlib.sha256()
+    for layer, paths in lpc_layer_files(sheet_dir).items():
+        for p in paths:
+            with open(p, "rb") as f:
+                h.update(f"{layer}/{os.path.basename(p)}:".encode() + f.read())
+    return h.hexdigest()
+
+
+def _read_sprites_cache(path, key):
+    """The cached render at `path` if it is complete and was made with `key`, else None."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        n = int(data["split_identities"].sum()) * len(SPRITES_DIRECTIONS) * sum(LPC_ACTION_FRAMES)
+        ok = data["key"] == key and data["images"].shape == (n, 3, SPRITES_SIZE, SPRITES_SIZE) \
+            and all(len(data[k]) == n for k in ("identity", "action", "direction", "frame") + SPRITES_LAYERS)
+        if ok:
+            return data
+        warnings.warn(f"sprites cache {path} does not match its parameters; rendering again", stacklevel=3)
+    except Exception as e:  # truncated or corrupted file
+        warnings.warn(f"sprites cache {path} is unreadable ({e.__class__.__name__}); rendering again", stacklevel=3)
+    return None
+
+
+def load_rendered_sprites(sheet_dir, split="train", seed=None, identities=None, background=None):
+    """One split of the set rendered from the LPC sheets in `sheet_dir`, rendered on first use
+    into cache_dir() and read from there afterwards. seed, identities and background default
+    to SPRITES_SEED, SPRITES_IDENTITIES and SPRITES_BACKGROUND.
+
+    Labels are the identities' positions within the split (0..K-1). Factors: identity (index
+    over all splits), action, direction, frame, and the variant of each layer in SPRITES_LAYERS.
+    """
+    _check_split(split)
+    seed = SPRITES_SEED if seed is None else seed
+    identities = SPRITES_IDENTITIES if identities is None else identities
+    background = SPRITES_BACKGROUND if background is None else background
+    params = {"version": SPRITES_RENDER_VERSION, "seed": seed, "identities": list(identities),
+              "background": background, "crop": [LPC_CROP_TOP, LPC_CROP_LEFT], "sheets": sheets_digest(sheet_dir)}
+    key = json.dumps(params, sort_keys=True)
+    path = os.path.join(cache_dir(), f"sprites-lpc-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
+    data = _read_sprites_cache(path, key)
+    if data is None:
+        print(f"rendering 2D Sprites from {sheet_dir} (once; cached in {path})", file=sys.stderr)
+        t0 = time.perf_counter()
+        data = render_sprites(sheet_dir, seed, identities, background)
+        data["key"] = key
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_save(data, path)
+        except OSError as e:  # a read-only or full disk: the set is still usable, only not kept
+            tmp = f"{path}.tmp.{os.getpid()}"
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            warnings.warn(f"could not write the sprites cache {path} ({e}); set ${CACHE_DIR_ENV} "
+                          f"to a writable folder to avoid rendering again", stacklevel=2)
+        print(f"rendered {len(data['images'])} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    n_poses = len(data["identity"]) // int(data["split_identities"].sum())
+    first = [0] + torch.cumsum(data["split_identities"], 0).tolist()
+    i = SPRITES_SPLITS.index(split)
+    lo, hi = first[i] * n_poses, first[i + 1] * n_poses
+    # clone: copies this split out of the memory-mapped file, which can then be closed
+    factors = {k: data[k][lo:hi].clone() for k in ("identity", "action", "direction", "frame") + SPRITES_LAYERS}
+    return ImageSet(data["images"][lo:hi].clone(), factors["identity"] - first[i],
+                    int(data["split_identities"][i]), factors)
+
+
+DATASETS["sprites"] = load_sprites

@@ -54,6 +54,14 @@ CONFIGS["linemod"] = ModelConfig(image_size=64, channels=3, style_dim=64, class_
                                  enc_channels=(32, 64, 128, 256, 256), enc_padding=2,
                                  dec_channels=(256, 256, 128, 64, 32), dec_padding=(1, 1, 1, 1, 1),
                                  dec_output_padding=(0, 0, 0, 0, 0), disc_channels=(32, 64, 128, 256, 256))
+# 2D Sprites, 60 x 60 RGB: one more stride-2 layer than MNIST, 60 -> 29 -> 14 -> 6 -> 2, and a
+# decoder 2 -> 6 -> 14 -> 29 -> 60 (padding / output padding 1 where 29 must come out). The code
+# sizes are the paper's first sprites setting (z 512, s 64); the second is --style-dim 1024
+# --class-dim 512. The widths are modest so that a short run fits a CPU.
+CONFIGS["sprites"] = ModelConfig(image_size=60, channels=3, style_dim=512, class_dim=64,
+                                 enc_channels=(32, 64, 128, 256), dec_channels=(256, 128, 64, 32),
+                                 dec_padding=(0, 0, 1, 0), dec_output_padding=(0, 0, 1, 0),
+                                 disc_channels=(32, 64, 128, 256))
 
 
 def get_config(dataset, **overrides):
