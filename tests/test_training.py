@@ -224,3 +224,14 @@ def test_a_few_steps_on_real_mnist(tmp_path):
     with open(tmp_path / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and all(float(r["recon_loss"]) > 0 for r in rows)
+
+
+@pytest.mark.parametrize("flag", ["--channels-last", "--amp"])
+def test_speed_options_compute_the_same_iteration(flag):
+    """channels-last changes only the memory layout; bf16 autocast only the precision."""
+    plain, fast = make_trainer(), make_trainer(flag)
+    fast.load_state_dict({**plain.state_dict(), "path": "x"})
+    m1, m2 = train.train_iteration(plain), train.train_iteration(fast)
+    tol = 0.05 if flag == "--amp" else 1e-4
+    for k in ("recon_loss", "kl", "gen_loss", "disc_loss"):
+        assert m2[k] == pytest.approx(m1[k], rel=tol, abs=1e-6), k
