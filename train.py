@@ -526,6 +526,7 @@ def run_training(args, ckpt, cfg, world, device):
         else:
             log(f"done: {step} iterations; checkpoint {os.path.join(run_dir, 'checkpoints', 'last.pt')}"
                 + (f"; {t.skipped_updates} non-finite updates skipped" if t.skipped_updates else ""))
+        world.barrier()  # no rank returns before rank 0's last checkpoint is on disk
     except DivergenceError as e:
         log(f"error: {e}")
         raise
