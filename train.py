@@ -183,13 +183,7 @@ class Trainer:
 
     def load_rank_streams(self, ckpt):
         """After load_state_dict: this rank's own streams from a checkpoint of a run with as many ranks."""
-        saved = int(ckpt.get("world_size", 1))
-        if saved != self.world.size:
-            raise CheckpointError(f"'{ckpt.get('path')}' was written by a run of {saved} process(es), this one "
-                                  f"has {self.world.size}: resume with the same number of processes (the global "
-                                  f"batch and every rank's pair stream depend on it), e.g. "
-                                  + (f"torchrun --nproc_per_node={saved} train.py --resume ..." if saved > 1
-                                     else "python train.py --resume ..."))
+        check_world_size(ckpt, self.world)
         if self.world.distributed:
             streams = ckpt["rank_streams"][self.world.rank]
             self.sampler.load_state_dict(streams["sampler"])
@@ -209,6 +203,17 @@ class Trainer:
             self.noise.set_state(ckpt["noise"])
         except (ValueError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"'{path}' does not match this run's optimiser/sampler: {e}") from None
+
+
+def check_world_size(ckpt, world):
+    """A run resumes with as many processes as wrote its checkpoint."""
+    saved = int(ckpt.get("world_size", 1))
+    if saved != world.size:
+        raise CheckpointError(f"'{ckpt.get('path')}' was written by a run of {saved} process(es), this one "
+                              f"has {world.size}: resume with the same number of processes (the global "
+                              f"batch and every rank's pair stream depend on it), e.g. "
+                              + (f"torchrun --nproc_per_node={saved} train.py --resume ..." if saved > 1
+                                 else "python train.py --resume ..."))
 
 
 # ----------------------------------------------------------------------------- the three updates
@@ -431,6 +436,8 @@ def main(args):
 
 def run_training(args, ckpt, cfg, world, device):
     """The training run of main(), as one rank of `world`."""
+    if ckpt is not None:
+        check_world_size(ckpt, world)  # before anything is written
     train_set = load_dataset(args.dataset, args.data_root, "train")
     if args.batch_size > len(train_set):
         raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images)")

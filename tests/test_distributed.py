@@ -177,6 +177,7 @@ def test_a_distributed_checkpoint_loads_for_evaluation_and_refuses_one_process_r
     with pytest.raises(CheckpointError, match="run of 2 process"):
         train.main(train.get_args_parser().parse_args(
             ["--resume", path, "--run-dir", str(tmp_path / "r"), "--max-steps", "5", "--no-progress"]))
+    assert not (tmp_path / "r").exists()  # refused before anything was written
 
 
 # ---------------------------------------------------------------- one backward per network per update
