@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from data_loader import (LINEMOD_EVAL_SPLIT, LINEMOD_MIN_VISIBILITY, LINEMOD_TRAIN_SPLIT, PairSampler,
                          dataset_options, default_data_root, load_dataset)
+from distributed import World, rank_seed, setup_distributed
 from networks import CONFIGS, Decoder, Discriminator, Encoder, ModelConfig, get_config, kl_divergence, reparameterize
 from utils import (CHECKPOINT_FORMAT, CheckpointError, HelpFormatter, UserError, atomic_save, library_versions,
-                   load_checkpoint, load_state, pick_device, rng_state, run_cli, save_grid_png,
+                   load_checkpoint, load_state, rng_state, run_cli, save_grid_png,
                    seed_everything, set_rng_state, swap_grid, to_float)
 
 METRICS = ["recon_loss", "kl", "gen_loss", "disc_loss", "disc_acc"]
@@ -54,7 +55,8 @@ def get_args_parser():
     p.add_argument("--resume", default=None, help="checkpoint file (or run directory) to continue from")
     p.add_argument("--epochs", type=int, default=50, help="epochs of floor(N / batch) iterations")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in all")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per batch of each process; under torchrun the global batch is this x WORLD_SIZE")
     p.add_argument("--style-dim", type=int, default=None, help="size of z (default: the dataset config's)")
     p.add_argument("--class-dim", type=int, default=None, help="size of s (default: the dataset config's)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of all three optimisers")
@@ -113,8 +115,9 @@ def check_args(args):
 class Trainer:
     """Networks, optimisers, pair sampler and noise generator of one run: what a checkpoint holds."""
 
-    def __init__(self, cfg, args, train_set, device):
+    def __init__(self, cfg, args, train_set, device, world=None):
         self.cfg, self.args, self.device = cfg, args, device
+        self.world = world or World()
         self.encoder, self.decoder, self.discriminator = (
             Encoder(cfg).to(device), Decoder(cfg).to(device), Discriminator(cfg).to(device))
         self.channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
@@ -133,10 +136,19 @@ class Trainer:
         self.enc, self.dec, self.disc = self.nets()
         if args.compile:
             self.enc, self.dec, self.disc = (torch.compile(n) for n in self.nets())
+        # The generator update reads the discriminator but never updates it, so under DDP it calls
+        # the bare module: DDP's hooks would wait for discriminator gradients that never come.
+        self.disc_local = self.disc
+        if self.world.distributed:  # one forward and one backward per network per update: DDP's rule
+            self.enc, self.dec, self.disc = (self.world.wrap(n) for n in self.nets())
+            if args.compile:
+                self.enc, self.dec, self.disc = (torch.compile(n) for n in (self.enc, self.dec, self.disc))
         self.images = train_set.images.to(device)  # the whole set, uint8, on the training device
-        self.sampler = PairSampler(train_set.labels, args.seed, device)
+        seed = rank_seed(args.seed, self.world.rank)  # each rank its own pairs and noise; rank 0: args.seed
+        self.sampler = PairSampler(train_set.labels, seed, device)
         self.noise = torch.Generator(device=device)  # eps of the reparameterisation, z ~ N(0, I)
-        self.noise.manual_seed(args.seed + 1)
+        self.noise.manual_seed(seed + 1)
+        self.rank_streams = None  # every rank's sampler/noise states, gathered for rank 0's checkpoint
         self.n_pixels = cfg.channels * cfg.image_size * cfg.image_size
         self.skipped_updates = 0
 
@@ -157,7 +169,7 @@ class Trainer:
 
     def update(self, opt, loss, inputs=None):
         """One optimiser step on `loss` (one backward per update); with --on-nan skip, skip non-finite ones."""
-        if self.args.on_nan == "skip" and not torch.isfinite(loss):
+        if self.args.on_nan == "skip" and not self.world.all_true(torch.isfinite(loss)):  # all ranks skip or none
             self.skipped_updates += 1
             return
         opt.zero_grad(set_to_none=True)
@@ -168,7 +180,23 @@ class Trainer:
         return {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
                 "discriminator": self.discriminator.state_dict(), "opt_ae": self.opt_ae.state_dict(),
                 "opt_gen": self.opt_gen.state_dict(), "opt_disc": self.opt_disc.state_dict(),
-                "sampler": self.sampler.state_dict(), "noise": self.noise.get_state()}
+                "sampler": self.sampler.state_dict(), "noise": self.noise.get_state(),
+                "world_size": self.world.size,
+                **({"rank_streams": self.rank_streams} if self.world.distributed else {})}
+
+    def gather_streams(self):
+        """Collective (every rank calls it): every rank's sampler and noise states, in rank order,
+        so that rank 0's checkpoint resumes each rank's own stream."""
+        self.rank_streams = self.world.all_gather_object(
+            {"sampler": self.sampler.state_dict(), "noise": self.noise.get_state()})
+
+    def load_rank_streams(self, ckpt):
+        """After load_state_dict: this rank's own streams from a checkpoint of a run with as many ranks."""
+        check_world_size(ckpt, self.world)
+        if self.world.distributed:
+            streams = ckpt["rank_streams"][self.world.rank]
+            self.sampler.load_state_dict(streams["sampler"])
+            self.noise.set_state(streams["noise"])
 
     def load_state_dict(self, ckpt):
         path = ckpt.get("path")
@@ -184,6 +212,17 @@ class Trainer:
             self.noise.set_state(ckpt["noise"])
         except (ValueError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"'{path}' does not match this run's optimiser/sampler: {e}") from None
+
+
+def check_world_size(ckpt, world):
+    """A run resumes with as many processes as wrote its checkpoint."""
+    saved = int(ckpt.get("world_size", 1))
+    if saved != world.size:
+        raise CheckpointError(f"'{ckpt.get('path')}' was written by a run of {saved} process(es), this one "
+                              f"has {world.size}: resume with the same number of processes (the global "
+                              f"batch and every rank's pair stream depend on it), e.g. "
+                              + (f"torchrun --nproc_per_node={saved} train.py --resume ..." if saved > 1
+                                 else "python train.py --resume ..."))
 
 
 # ----------------------------------------------------------------------------- the three updates
@@ -212,7 +251,7 @@ def generator_step(t, x1, x3):
         mu1, logvar1, s3 = mu[:B].float(), logvar[:B].float(), s[B:]
         z1 = reparameterize(mu1, logvar1, t.randn(B))
         fake = t.dec(torch.cat([z1, t.randn(B)]), torch.cat([s3, s3]))  # dec(z1,s3) ; dec(z~N(0,I),s3)
-        logits = t.disc(torch.cat([x3, x3]), fake).float()
+        logits = t.disc_local(torch.cat([x3, x3]), fake).float()
     real = torch.ones(B, dtype=torch.long, device=x1.device)
     gen = F.cross_entropy(logits[:B], real) + F.cross_entropy(logits[B:], real)
     kl = kl_divergence(mu1, logvar1, t.n_pixels)
@@ -250,7 +289,8 @@ def train_iteration(t):
         i2, i3 = t.sampler.pairs(B)
         d_loss, d_acc = discriminator_loss(t, x1, t.batch(i2), t.batch(i3))
         # The iteration's one host read: the gate needs the accuracy; the other losses ride along.
-        values = torch.stack([rec, kl, gen, d_loss.detach(), d_acc]).tolist()
+        # Under torchrun they are averaged over ranks first, so every rank takes the same decision.
+        values = t.world.average(torch.stack([rec, kl, gen, d_loss.detach(), d_acc])).tolist()
         stepped = values[-1] < a.disc_gate  # the 80% rule: a discriminator that wins is left alone
         if stepped:
             t.update(t.opt_disc, d_loss)
@@ -378,6 +418,13 @@ def fixed_grid_batch(args, n=8):
     return to_float(data.images[torch.randperm(len(data), generator=g)[:n]])
 
 
+class NullSink:
+    """Stands in for the log file and the metrics log on ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(args):
@@ -392,54 +439,78 @@ def main(args):
     args.style_dim, args.class_dim = cfg.style_dim, cfg.class_dim
     args.data_root = args.data_root or default_data_root()
     args.run_dir = args.run_dir or default_run_dir(args)
-    device = pick_device(args.device)
+    world, device = setup_distributed(args.device)  # under torchrun: this rank's place and device
+    try:
+        return run_training(args, ckpt, cfg, world, device)
+    finally:
+        world.close()
 
+
+def run_training(args, ckpt, cfg, world, device):
+    """The training run of main(), as one rank of `world`."""
+    if ckpt is not None:
+        check_world_size(ckpt, world)  # before anything is written
     train_set = load_dataset(args.dataset, args.data_root, "train", **dataset_options(args))
     if args.batch_size > len(train_set):
         raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images)")
-    steps_per_epoch = len(train_set) // args.batch_size
+    # An epoch is N images seen over all ranks: floor(N / global batch) iterations.
+    steps_per_epoch = max(1, len(train_set) // (args.batch_size * world.size))
     total = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     ckpt_every = args.checkpoint_every or steps_per_epoch
-    grid_x = fixed_grid_batch(args).to(device)
+    grid_x = fixed_grid_batch(args).to(device) if world.is_main else None
 
-    run_dir = prepare_run_dir(args, resuming=ckpt is not None)
+    # Rank 0 makes the run directory (its run name, its time stamp) while the other ranks wait.
+    run_dir = args.run_dir = world.on_main(lambda: prepare_run_dir(args, resuming=ckpt is not None))
     seed_everything(args.seed)
-    t = Trainer(cfg, args, train_set, device)
+    t = Trainer(cfg, args, train_set, device, world)
     step = 0
     if ckpt is not None:
         t.load_state_dict(ckpt)
+        t.load_rank_streams(ckpt)
         set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
-    else:
+    elif world.is_main:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump({"args": vars(args), "model_config": cfg.to_dict(), "dataset_size": len(train_set),
-                       "steps_per_epoch": steps_per_epoch, "versions": library_versions()}, f, indent=2)
-    log_file = open(os.path.join(run_dir, "log.txt"), "a")
+                       "steps_per_epoch": steps_per_epoch, "world_size": world.size,
+                       "versions": library_versions()}, f, indent=2)
+    # The other ranks only train: no log, metrics, samples or checkpoint files.
+    log_file = open(os.path.join(run_dir, "log.txt"), "a") if world.is_main else NullSink()
 
     def log(msg, console=True):
+        if not world.is_main:
+            return
         if console:
             tqdm.write(msg)
         log_file.write(msg + "\n")
         log_file.flush()
 
     log(f"{'resuming' if ckpt else 'training'} {args.dataset} (z={cfg.style_dim}, s={cfg.class_dim}) on {device}: "
-        f"step {step} -> {total}, {steps_per_epoch} iterations per epoch, run dir {run_dir}")
-    metrics_log = MetricsLog(run_dir, step)
+        f"step {step} -> {total}, {steps_per_epoch} iterations per epoch, run dir {run_dir}"
+        + (f"; {world.size} processes x batch {args.batch_size}" if world.distributed else ""))
+    metrics_log = MetricsLog(run_dir, step) if world.is_main else NullSink()
 
     # Ctrl-C / SIGTERM: finish the current iteration, save a checkpoint, exit cleanly.
     stop = {}
     handlers = {s: signal.signal(s, lambda signum, frame: stop.setdefault("signal", signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
+    world.share_stop(stop)  # under torchrun, a signal to any rank stops all ranks after the same iteration
 
     def checkpoint(periodic=True):
+        t.gather_streams()  # a collective: every rank is here at the same step
+        if not world.is_main:
+            return None
         metrics_log.flush()  # rows up to `step` are on disk before the checkpoint that claims them
         return save_checkpoint(t, run_dir, step, step // steps_per_epoch, args.keep_checkpoints, periodic)
 
     def sample():
+        if not world.is_main:
+            return
         save_grid_png(swap_grid(t.encoder, t.decoder, grid_x, grid_x),
                       os.path.join(run_dir, "samples", f"swap_{step:07d}.png"))
 
-    bar = tqdm(total=total, initial=step, disable=not args.progress, unit="it", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=not args.progress or not world.is_main, unit="it",
+               dynamic_ncols=True)
     status, tick = 0, time.perf_counter()
     try:
         if step == 0:
@@ -464,15 +535,17 @@ def main(args):
                 sample()
             if step % ckpt_every == 0 or step == total:
                 checkpoint()
-            if "signal" in stop:
+            if world.should_stop():
+                signum = stop.get("signal", signal.SIGTERM)  # a rank not (yet) signalled follows the others
                 path = checkpoint(periodic=False)
-                log(f"{signal.Signals(stop['signal']).name} received: checkpoint of step {step} saved to {path}; "
+                log(f"{signal.Signals(signum).name} received: checkpoint of step {step} saved to {path}; "
                     f"continue with --resume {path}")
-                status = 128 + stop["signal"]
+                status = 128 + signum
                 break
         else:
             log(f"done: {step} iterations; checkpoint {os.path.join(run_dir, 'checkpoints', 'last.pt')}"
                 + (f"; {t.skipped_updates} non-finite updates skipped" if t.skipped_updates else ""))
+        world.barrier()  # no rank returns before rank 0's last checkpoint is on disk
     except DivergenceError as e:
         log(f"error: {e}")
         raise

@@ -1,0 +1,153 @@
+"""Data-parallel training across processes launched by torchrun.
+
+    torchrun --nproc_per_node=4 train.py --dataset mnist ...
+
+torchrun starts one process per GPU (or CPU worker) and tells each its place through the
+environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT). `setup_distributed`
+reads it and returns a `World`: this process's rank, the number of processes, and the
+few collective operations train.py needs. A plain `python train.py` gets a World of one
+process whose operations do nothing, so the single-process code path is unchanged.
+"""
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from utils import UserError, pick_device
+
+
+def launched_by_torchrun():
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank_seed(seed, rank):
+    """The seed of rank `rank`'s own pair and noise streams. Rank 0 keeps `seed` itself, so a
+    single-process run draws what it always drew; other ranks get seeds spread by numpy's
+    SeedSequence, far from seed + small k, so seed sweeps never share a stream with a rank."""
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])  # uint32: seed + 1 stays valid
+
+
+class World:
+    """This process's place among the training processes; one process when not under torchrun."""
+
+    def __init__(self, rank=0, size=1, local_rank=0, device=None, owns_group=False):
+        self.rank, self.size, self.local_rank = rank, size, local_rank
+        self.device = device
+        self.owns_group = owns_group  # destroy the process group on close() only if we made it
+        self._stop = None             # the caller's stop-request dict, see share_stop()
+        self.stop_agreed = False
+
+    @property
+    def distributed(self):
+        return self.size > 1
+
+    @property
+    def is_main(self):
+        """Rank 0 alone writes logs, TensorBoard events, swap grids and checkpoints."""
+        return self.rank == 0
+
+    def wrap(self, module):
+        """DistributedDataParallel around `module` (gradients averaged over ranks in backward).
+
+        find_unused_parameters stays off: every update's one backward reaches every parameter
+        of every wrapped network it runs through (all encoder heads feed each loss), so DDP
+        need not search the graph. The networks hold no buffers, so DDP has none to broadcast."""
+        if not self.distributed:
+            return module
+        ids = [self.device] if self.device is not None and self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=ids)
+
+    def share_stop(self, stop):
+        """Watch `stop` (a dict the signal handler fills): each average() carries this rank's
+        stop request to all ranks, so every rank stops after the same iteration."""
+        self._stop = stop
+
+    def should_stop(self):
+        if not self.distributed:
+            return bool(self._stop)
+        return self.stop_agreed  # decided at the last average(), the same on every rank
+
+    def average(self, values):
+        """The mean over ranks of a 1-D float tensor (one all-reduce, and the iteration's stop
+        flag rides along). All ranks receive the same bits, so decisions taken on the result
+        (the discriminator's gate) are the same everywhere."""
+        if not self.distributed:
+            return values
+        flag = torch.tensor([1.0 if self._stop else 0.0], device=values.device)
+        buf = torch.cat([values.float(), flag])
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # gloo has no AVG
+        self.stop_agreed = bool(buf[-1] > 0)
+        return buf[:-1] / self.size
+
+    def all_true(self, flag):
+        """True on every rank iff `flag` (a 0-d bool tensor) is true on every rank."""
+        if not self.distributed:
+            return bool(flag)
+        buf = flag.reshape(1).float()
+        dist.all_reduce(buf, op=dist.ReduceOp.MIN)
+        return bool(buf[0] > 0)
+
+    def all_gather_object(self, obj):
+        """[obj of rank 0, obj of rank 1, ...] on every rank."""
+        if not self.distributed:
+            return [obj]
+        out = [None] * self.size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def on_main(self, fn):
+        """Run fn() on rank 0 only and hand its result to every rank; a UserError it raises is
+        raised on every rank, so no rank is left waiting for a rank that has stopped."""
+        if not self.distributed:
+            return fn()
+        msg = [None, None]
+        if self.is_main:
+            try:
+                msg = [fn(), None]
+            except UserError as e:
+                msg = [None, str(e)]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[1] is not None:
+            raise UserError(msg[1])
+        return msg[0]
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def close(self):
+        if self.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self.owns_group = False
+
+
+def setup_distributed(device_name="auto"):
+    """(World, device) of this process. Under torchrun (WORLD_SIZE > 1): join the process group,
+    on cuda:LOCAL_RANK with NCCL when CUDA is there (or asked for), else on the CPU with gloo.
+    A process group the caller already made (tests) is joined as it is."""
+    if not dist.is_initialized() and (not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1):
+        return World(), pick_device(device_name)
+    if device_name == "mps":
+        raise UserError("torchrun training runs on CUDA (NCCL) or on the CPU (gloo), not on MPS")
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device_name)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices: "
+                            f"--nproc_per_node must not exceed the GPUs of a node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    owns = not dist.is_initialized()
+    if owns:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    world = World(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=owns)
+    if not world.distributed:  # a group of one (torchrun --nproc_per_node=1): plain training
+        world.close()
+        return World(), device
+    return world, device
