@@ -46,12 +46,15 @@ def get_args_parser():
     p.add_argument("--swap-train-steps", type=int, default=500,
                    help="training steps (batch 128) of the image classifier that judges swapped images")
     p.add_argument("--swap-pairs", type=int, default=10000, help="random (z-source, s-source) pairs judged")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of torch: these small models gain little from more, and on a busy "
+                        "machine idle threads spin against the other processes (several times slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p
 
 
 def check_args(args):
-    for name in ("epochs", "batch_size", "swap_train_steps", "swap_pairs"):
+    for name in ("epochs", "batch_size", "swap_train_steps", "swap_pairs", "threads"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 < args.test_fraction < 1:
@@ -60,19 +63,24 @@ def check_args(args):
         raise UserError(f"--lr must be positive, got {args.lr}")
 
 
+def pc(share):
+    """A share in [0, 1] as a percentage, rounded for the JSON file."""
+    return round(100 * share, 4)
+
+
 def classify_target(name, fit_y, test_y, codes, args):
     """One table row: the MLP (and linear probe) on z and on s for one label."""
     fit_y, test_y, k = dense_labels(fit_y, test_y)
-    row = {"num_classes": k, "chance": 100 * chance_level(test_y), "mlp": {}}
+    row = {"num_classes": k, "chance": pc(chance_level(test_y)), "mlp": {}}
     if args.linear_probe:
         row["linear"] = {}
     for space, (fit_x, test_x) in codes.items():
         model = train_classifier(fit_x, fit_y, k, args.seed, args.epochs, args.batch_size, args.lr)
-        row["mlp"][f"{space}_train"] = 100 * accuracy(model, fit_x, fit_y)
-        row["mlp"][f"{space}_test"] = 100 * accuracy(model, test_x, test_y)
+        row["mlp"][f"{space}_train"] = pc(accuracy(model, fit_x, fit_y))
+        row["mlp"][f"{space}_test"] = pc(accuracy(model, test_x, test_y))
         if args.linear_probe:
             tr, te = linear_probe(fit_x, fit_y, test_x, test_y, args.seed)
-            row["linear"][f"{space}_train"], row["linear"][f"{space}_test"] = 100 * tr, 100 * te
+            row["linear"][f"{space}_train"], row["linear"][f"{space}_test"] = pc(tr), pc(te)
     return row
 
 
@@ -109,6 +117,7 @@ def markdown(res):
 
 def main(args):
     check_args(args)
+    torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     checkpoint_dataset(ckpt)
@@ -141,9 +150,9 @@ def main(args):
         judge = train_image_classifier(fit_set.images, fit_y, k, cfg, args.seed, args.swap_train_steps,
                                        device=device)
         sw = swap_accuracy(encoder, decoder, judge, test_set.images, test_y, args.swap_pairs, args.seed)
-        res["swap"] = {"judge_test": 100 * accuracy(judge, test_set.images, test_y),
-                       "swap": 100 * sw["swap"], "prior": 100 * sw["prior"],
-                       "style_leak": None if sw["style_leak"] != sw["style_leak"] else 100 * sw["style_leak"],
+        res["swap"] = {"judge_test": pc(accuracy(judge, test_set.images, test_y)),
+                       "swap": pc(sw["swap"]), "prior": pc(sw["prior"]),
+                       "style_leak": None if sw["style_leak"] != sw["style_leak"] else pc(sw["style_leak"]),
                        "pairs": sw["pairs"],
                        "judge_train_steps": args.swap_train_steps}
 

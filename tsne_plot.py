@@ -29,7 +29,8 @@ def get_args_parser():
     p.add_argument("--color-by", default="class",
                    help="'class', or the name of one of the dataset's integer factors (Sprites: action, hair, ...)")
     p.add_argument("--perplexity", type=float, default=30.0, help="t-SNE perplexity (lowered for few points)")
-    p.add_argument("--threads", type=int, default=2, help="threads of openTSNE")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of openTSNE and torch (more help only on an otherwise idle machine)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-root", default=None, help="data folder (default: the one the checkpoint was trained on)")
     p.add_argument("--out", required=True, help="output PNG")
@@ -76,6 +77,7 @@ def main(args):
         raise UserError(f"--num-points must be at least 4, got {args.num_points}")
     if args.threads <= 0 or args.perplexity <= 0:
         raise UserError("--threads and --perplexity must be positive")
+    torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     cfg, encoder, _ = build_models(ckpt, device)
@@ -95,6 +97,8 @@ def main(args):
     what = "style code z" + (" (sampled)" if args.z_source == "sample" else "") if args.space == "z" \
         else "class code s"
     ckpt_name = os.path.relpath(ckpt["path"])
+    if ckpt_name.startswith(".."):
+        ckpt_name = os.path.abspath(ckpt["path"])
     plot(xy, labels[idx].numpy(), f"t-SNE of the {what}: {len(idx)} {args.split} images\n"
          f"{ckpt_name} (step {ckpt.get('step')})", args.color_by, args.out, args.dpi)
     print(f"wrote {args.out}")
