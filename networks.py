@@ -194,3 +194,26 @@ class Classifier(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+
+class ImageClassifier(nn.Module):
+    """A plain CNN on images: the judge that labels swapped images (swap accuracy).
+
+    Two 5x5 stride-2 convolutions with ReLU, then a linear layer; no normalisation, so a
+    label depends on the image alone. Small on purpose: it trains in a minute on a CPU.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_classes, widths=(32, 64)):
+        super().__init__()
+        layers, in_ch = [], cfg.channels
+        for w in widths:
+            layers += [nn.Conv2d(in_ch, w, 5, stride=2, padding=2), nn.ReLU()]
+            in_ch = w
+        self.convs = nn.Sequential(*layers)
+        side = cfg.image_size
+        for _ in widths:
+            side = (side + 1) // 2  # 5x5, stride 2, padding 2: ceil(side / 2)
+        self.out = nn.Linear(widths[-1] * side * side, num_classes)
+
+    def forward(self, x):
+        return self.out(self.convs(x).flatten(1))

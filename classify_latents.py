@@ -1,0 +1,169 @@
+"""Latent classification: the class should be readable from the class code s and not from
+the style code z (Mathieu et al. 2016, Table 1), plus the swap accuracy of decoded images.
+
+    python classify_latents.py --checkpoint runs/mnist/checkpoints/last.pt --out results/classify.json
+
+Codes are taken from the encoder of the checkpoint alone; the reference classifier
+(networks.Classifier) is fitted on the codes of one set of images and tested on another
+(utils.classifier_sets says which, for every dataset). A scikit-learn logistic regression
+is reported beside it as a simpler, linear measure. Besides the class, every integer factor
+of the dataset (Sprites: action, direction, the layers) is classified the same way.
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from utils import (HelpFormatter, UserError, Z_SOURCES, accuracy, build_models, chance_level,
+                   checkpoint_dataset, classifier_sets, dense_labels, encode_dataset, integer_factors,
+                   linear_probe, load_checkpoint, load_eval_data, pick_device, run_cli, swap_accuracy,
+                   train_classifier, train_image_classifier)
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Classify the class (and factors) from the style code z and "
+                                            "the class code s of a checkpoint's encoder.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="checkpoint file (or run directory) to evaluate")
+    p.add_argument("--data-root", default=None, help="data folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice: same seed, same numbers")
+    p.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--z-source", default="mean", choices=Z_SOURCES,
+                   help="z = the mean of q(z|x), or one reparameterised draw from it (the reference's choice)")
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of each latent classifier")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size of the latent classifiers")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the latent classifiers")
+    p.add_argument("--test-fraction", type=float, default=0.2,
+                   help="share of each class held out for testing, where the test split's classes are unseen "
+                        "in training (Sprites); unused on MNIST")
+    p.add_argument("--factors", action=argparse.BooleanOptionalAction, default=True,
+                   help="also classify each integer factor of the dataset (Sprites: pose and layers)")
+    p.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=True,
+                   help="also fit a logistic regression on each code")
+    p.add_argument("--swap", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure the swap accuracy with an image classifier")
+    p.add_argument("--swap-train-steps", type=int, default=500,
+                   help="training steps (batch 128) of the image classifier that judges swapped images")
+    p.add_argument("--swap-pairs", type=int, default=10000, help="random (z-source, s-source) pairs judged")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads of torch: these small models gain little from more, and on a busy "
+                        "machine idle threads spin against the other processes (several times slower)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    return p
+
+
+def check_args(args):
+    for name in ("epochs", "batch_size", "swap_train_steps", "swap_pairs", "threads"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 < args.test_fraction < 1:
+        raise UserError(f"--test-fraction must lie in (0, 1), got {args.test_fraction}")
+    if args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+
+
+def pc(share):
+    """A share in [0, 1] as a percentage, rounded for the JSON file."""
+    return round(100 * share, 4)
+
+
+def classify_target(name, fit_y, test_y, codes, args):
+    """One table row: the MLP (and linear probe) on z and on s for one label."""
+    fit_y, test_y, k = dense_labels(fit_y, test_y)
+    row = {"num_classes": k, "chance": pc(chance_level(test_y)), "mlp": {}}
+    if args.linear_probe:
+        row["linear"] = {}
+    for space, (fit_x, test_x) in codes.items():
+        model = train_classifier(fit_x, fit_y, k, args.seed, args.epochs, args.batch_size, args.lr)
+        row["mlp"][f"{space}_train"] = pc(accuracy(model, fit_x, fit_y))
+        row["mlp"][f"{space}_test"] = pc(accuracy(model, test_x, test_y))
+        if args.linear_probe:
+            tr, te = linear_probe(fit_x, fit_y, test_x, test_y, args.seed)
+            row["linear"][f"{space}_train"], row["linear"][f"{space}_test"] = pc(tr), pc(te)
+    return row
+
+
+def pct(v):
+    return "n/a" if v is None else f"{v:.2f}"
+
+
+def markdown(res):
+    """The results as Markdown tables (accuracy in %)."""
+    cols = ["z_train", "z_test", "s_train", "s_test"]
+    lines = [f"Latent classification: {res['dataset']} (z={res['style_dim']}, s={res['class_dim']}), "
+             f"{res['checkpoint']} step {res['step']}, z = {res['z_source']}, seed {res['seed']}",
+             f"Split: {res['split']['rule']}; fit {res['split']['fit_images']} images, "
+             f"test {res['split']['test_images']} images. Accuracy in %.", ""]
+    for kind, title in (("mlp", "reference MLP"), ("linear", "linear probe")):
+        if not all(kind in row for row in res["targets"].values()):
+            continue
+        lines += [f"| {title}: target | classes | chance | z train | z test | s train | s test |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, row in res["targets"].items():
+            lines.append(f"| {name} | {row['num_classes']} | {row['chance']:.2f} | "
+                         + " | ".join(f"{row[kind][c]:.2f}" for c in cols) + " |")
+        lines.append("")
+    if "swap" in res:
+        sw = res["swap"]
+        lines += ["| swap accuracy (image classifier's label) | % |", "|---|---:|",
+                  f"| real test images labelled their class (the classifier's ceiling) | {sw['judge_test']:.2f} |",
+                  f"| dec(z_i, s_j) labelled class(j), i != j | {sw['swap']:.2f} |",
+                  f"| dec(z ~ N(0, I), s_j) labelled class(j) | {sw['prior']:.2f} |",
+                  f"| dec(z_i, s_j) labelled class(i), pairs of different classes | {pct(sw['style_leak'])} |",
+                  f"| chance (most frequent class) | {res['targets']['class']['chance']:.2f} |", ""]
+    return "\n".join(lines)
+
+
+def main(args):
+    check_args(args)
+    torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    checkpoint_dataset(ckpt)
+    cfg, encoder, decoder = build_models(ckpt, device)
+    fit_set, test_set, rule = classifier_sets(load_eval_data(ckpt, args.data_root, "train"),
+                                              load_eval_data(ckpt, args.data_root, "test"),
+                                              args.seed, args.test_fraction)
+
+    # z and s of every image; eps of --z-source sample from one seeded generator
+    g = torch.Generator().manual_seed(args.seed)
+    z_fit, s_fit = encode_dataset(encoder, fit_set.images, z_source=args.z_source, generator=g)
+    z_test, s_test = encode_dataset(encoder, test_set.images, z_source=args.z_source, generator=g)
+    codes = {"z": (z_fit, z_test), "s": (s_fit, s_test)}
+
+    targets = {"class": (fit_set.labels, test_set.labels)}
+    if args.factors:
+        for name in integer_factors(fit_set):
+            if name in test_set.factors:
+                targets[name] = (fit_set.factors[name], test_set.factors[name])
+    res = {"checkpoint": os.path.abspath(ckpt["path"]), "step": ckpt.get("step"),
+           "dataset": checkpoint_dataset(ckpt), "style_dim": cfg.style_dim, "class_dim": cfg.class_dim,
+           "seed": args.seed, "z_source": args.z_source, "unit": "percent",
+           "split": {"rule": rule, "fit_images": len(fit_set), "test_images": len(test_set)},
+           "classifier": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
+           "targets": {name: classify_target(name, fy, ty, codes, args) for name, (fy, ty) in targets.items()}}
+
+    if args.swap:
+        # the judge: a plain CNN trained on the real images the latent classifiers are fitted on
+        fit_y, test_y, k = dense_labels(fit_set.labels, test_set.labels)
+        judge = train_image_classifier(fit_set.images, fit_y, k, cfg, args.seed, args.swap_train_steps,
+                                       device=device)
+        sw = swap_accuracy(encoder, decoder, judge, test_set.images, test_y, args.swap_pairs, args.seed)
+        res["swap"] = {"judge_test": pc(accuracy(judge, test_set.images, test_y)),
+                       "swap": pc(sw["swap"]), "prior": pc(sw["prior"]),
+                       "style_leak": None if sw["style_leak"] != sw["style_leak"] else pc(sw["style_leak"]),
+                       "pairs": sw["pairs"],
+                       "judge_train_steps": args.swap_train_steps}
+
+    print(markdown(res))
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2, allow_nan=False)
+            f.write("\n")
+    return res
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,318 @@
+"""Evaluation commands on a tiny run of fake MNIST: latent classification, swap accuracy,
+t-SNE, swap grid, loss curves, the pretrained export, and their errors on bad input."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import classify_latents
+import data_loader
+import train
+import tsne_plot
+import utils
+from conftest import ROOT, make_fake_mnist
+from data_loader import ImageSet
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import export_pretrained  # noqa: E402
+import loss_curves  # noqa: E402
+import swap_grid  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and much faster on a busy machine, where idle
+    OpenMP threads spin against other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def run(one_thread, tmp_path_factory):
+    """A 4-iteration run on fake MNIST, its data root and an exported pretrained file."""
+    base = tmp_path_factory.mktemp("eval")
+    root = make_fake_mnist(base / "data")
+    run_dir = base / "run"
+    train.main(train.get_args_parser().parse_args(
+        ["--data-root", root, "--run-dir", str(run_dir), "--max-steps", "4", "--batch-size", "16",
+         "--sample-every", "100", "--no-progress"]))
+    ckpt = str(run_dir / "checkpoints" / "last.pt")
+    pretrained = str(base / "pretrained.pt")
+    export_pretrained.main(export_pretrained.get_args_parser().parse_args(
+        ["--checkpoint", ckpt, "--out", pretrained]))
+    return {"root": root, "run_dir": str(run_dir), "ckpt": ckpt, "pretrained": pretrained, "base": base}
+
+
+def classify(ckpt, *extra):
+    return classify_latents.main(classify_latents.get_args_parser().parse_args(
+        ["--checkpoint", ckpt, "--epochs", "2", "--swap-train-steps", "5", "--swap-pairs", "64", *extra]))
+
+
+# ----------------------------------------------------------------------------- latent classification
+
+def test_classify_latents_table_json_and_determinism(run, tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    res = classify(run["ckpt"], "--out", str(a))
+    table = capsys.readouterr().out
+    assert "| class | 10 | 10.94 |" in table  # 7 of the 64 fake test images share the commonest class
+    assert "dec(z_i, s_j) labelled class(j)" in table
+    classify(run["ckpt"], "--out", str(b))
+    assert a.read_text() == b.read_text()  # same seed, same numbers
+    saved = json.loads(a.read_text())
+    assert saved["split"]["fit_images"] == 256 and saved["split"]["test_images"] == 64
+    assert saved["split"]["rule"].startswith("splits")  # MNIST: train split vs test split
+    assert list(saved["targets"]) == ["class"]  # MNIST has no factors
+    row = saved["targets"]["class"]
+    assert row["chance"] == pytest.approx(100 * 7 / 64)
+    for kind in ("mlp", "linear"):
+        assert set(row[kind]) == {"z_train", "z_test", "s_train", "s_test"}
+        assert all(0 <= v <= 100 for v in row[kind].values())
+    sw = saved["swap"]
+    assert sw["pairs"] == 64 and all(0 <= sw[k] <= 100 for k in ("judge_test", "swap", "prior"))
+    assert res["targets"] == saved["targets"]
+
+
+def test_z_sample_differs_from_mean_and_other_seed_changes_numbers(run):
+    ckpt = utils.load_checkpoint(run["ckpt"])
+    _, enc, _ = utils.build_models(ckpt)
+    x = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
+    z_mean, s1 = utils.encode_dataset(enc, x, batch_size=3)
+    z_a, s2 = utils.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(0))
+    z_b, _ = utils.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(s1, s2)  # batch 3 against batch 1000: equal up to float rounding
+    assert torch.equal(z_a, z_b) and not torch.allclose(z_a, z_mean)
+    mu, _, _ = enc(utils.to_float(x))
+    torch.testing.assert_close(z_mean, mu)  # batching does not change the codes
+
+
+def test_reference_classifier_learns_and_is_seeded():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(400) % 5
+    x = nn.functional.one_hot(y, 5).float() * 3 + torch.randn(400, 5, generator=g)
+    m1 = utils.train_classifier(x[:300], y[:300], 5, seed=1, epochs=5, batch_size=32)
+    m2 = utils.train_classifier(x[:300], y[:300], 5, seed=1, epochs=5, batch_size=32)
+    assert utils.accuracy(m1, x[300:], y[300:]) > 0.9
+    assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
+    tr, te = utils.linear_probe(x[:300], y[:300], x[300:], y[300:], seed=0)
+    assert te > 0.9
+    noise = torch.randn(400, 5, generator=g)  # codes without class information: chance level
+    assert utils.accuracy(utils.train_classifier(noise[:300], y[:300], 5, 0, epochs=5), noise[300:], y[300:]) < 0.45
+
+
+# ----------------------------------------------------------------------------- swap accuracy
+
+class ToyEncoder(nn.Module):
+    """Images whose mean brightness is (class + 1) / 10: z and s are both that brightness."""
+
+    def forward(self, x):
+        b = x.mean((1, 2, 3))[:, None]
+        return b, torch.zeros_like(b), b
+
+
+class ToyDecoder(nn.Module):
+    """A flat image of the brightness of s (or of z with use_z)."""
+
+    def __init__(self, use_z=False):
+        super().__init__()
+        self.style_in = nn.Linear(1, 1)
+        self.use_z = use_z
+
+    def forward(self, z, s):
+        code = z if self.use_z else s
+        return code[:, :, None, None].expand(-1, 1, 4, 4)
+
+
+class ToyJudge(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        c = (x.mean((1, 2, 3)) * 10 - 1).round().long().clamp(0, 4)
+        return nn.functional.one_hot(c, 5).float()
+
+
+def toy_images():
+    labels = torch.arange(50) % 5
+    return ((labels + 1) * 255 // 10).to(torch.uint8)[:, None, None, None].expand(-1, 1, 4, 4).contiguous(), labels
+
+
+def test_swap_accuracy_counts_the_class_of_the_s_source():
+    images, labels = toy_images()
+    follows_s = utils.swap_accuracy(ToyEncoder(), ToyDecoder(), ToyJudge(), images, labels, 500, seed=0)
+    assert follows_s["swap"] == 1.0 and follows_s["style_leak"] == 0.0
+    follows_z = utils.swap_accuracy(ToyEncoder(), ToyDecoder(use_z=True), ToyJudge(), images, labels, 500, seed=0)
+    assert follows_z["style_leak"] == 1.0
+    assert 0.1 < follows_z["swap"] < 0.3  # only the pairs whose two images share a class (1 in 5)
+
+
+def test_random_pairs_never_pair_an_image_with_itself():
+    i, j = utils.random_pairs(7, 5000, torch.Generator().manual_seed(0))
+    assert (i != j).all() and set(j.tolist()) == set(range(7))
+
+
+# ----------------------------------------------------------------------------- identity-disjoint datasets
+
+def fake_sprites(root, split):
+    """Identities 0-3 in train, 4-7 in test (unseen), 12 images each; integer and float factors."""
+    g = torch.Generator().manual_seed(0 if split == "train" else 1)
+    ids = torch.arange(48) // 12 + (0 if split == "train" else 4)
+    action = torch.arange(48) % 3
+    images = torch.randint(0, 60, (48, 1, 28, 28), generator=g, dtype=torch.uint8)
+    images[torch.arange(48), 0, action * 8, :] = 255
+    return ImageSet(images, ids, 8, {"action": action, "frame": torch.arange(48) % 4,
+                                     "rotation": torch.randn(48, 9, generator=g), "constant": torch.zeros(48).long()})
+
+
+def test_split_rule_keeps_every_identity_on_both_sides(monkeypatch):
+    train_set, test_set = fake_sprites(None, "train"), fake_sprites(None, "test")
+    fit, held, rule = utils.classifier_sets(train_set, test_set, seed=0, test_fraction=0.25)
+    assert rule.startswith("within-class")
+    assert set(fit.labels.tolist()) == set(held.labels.tolist()) == {4, 5, 6, 7}
+    assert torch.bincount(held.labels)[4:].tolist() == [3, 3, 3, 3]
+    assert len(fit) + len(held) == 48
+    # the two sides are disjoint images of the test split
+    rows = {tuple(x.flatten().tolist()[:200]) for x in fit.images}
+    assert not any(tuple(x.flatten().tolist()[:200]) in rows for x in held.images)
+    assert utils.integer_factors(fit) == ["action", "frame"]  # float and constant factors skipped
+    again = utils.classifier_sets(train_set, test_set, seed=0, test_fraction=0.25)[1]
+    assert torch.equal(again.images, held.images)
+    # MNIST-like: every test class is a train class, so the splits are used as they are
+    mnist_fit, mnist_test, rule = utils.classifier_sets(train_set, train_set, seed=0)
+    assert rule.startswith("splits") and mnist_fit is train_set
+
+
+@pytest.fixture
+def sprites_ckpt(run, tmp_path, monkeypatch):
+    monkeypatch.setitem(data_loader.DATASETS, "fakesprites", fake_sprites)
+    ckpt = torch.load(run["pretrained"], weights_only=True)
+    ckpt["args"]["dataset"] = "fakesprites"
+    path = str(tmp_path / "sprites.pt")
+    torch.save(ckpt, path)
+    return path
+
+
+def test_classify_latents_reports_each_factor_with_its_chance(sprites_ckpt, capsys):
+    res = classify(sprites_ckpt, "--data-root", str(os.path.dirname(sprites_ckpt)), "--no-linear-probe")
+    assert list(res["targets"]) == ["class", "action", "frame"]
+    assert res["targets"]["class"]["num_classes"] == 4 and res["targets"]["class"]["chance"] == 25.0
+    assert res["targets"]["action"]["num_classes"] == 3
+    assert res["split"]["rule"].startswith("within-class")
+    assert "| action | 3 |" in capsys.readouterr().out
+
+
+def test_tsne_colours_by_a_factor(sprites_ckpt, tmp_path):
+    out = tmp_path / "t.png"
+    xy = tsne_plot.main(tsne_plot.get_args_parser().parse_args(
+        ["--checkpoint", sprites_ckpt, "--data-root", str(tmp_path), "--num-points", "40", "--perplexity", "5",
+         "--color-by", "action", "--out", str(out)]))
+    assert xy.shape == (40, 2) and out.stat().st_size > 5000
+
+
+# ----------------------------------------------------------------------------- figures
+
+def test_tsne_plot_writes_a_png(run, tmp_path):
+    out = tmp_path / "sub" / "z.png"
+    xy = tsne_plot.main(tsne_plot.get_args_parser().parse_args(
+        ["--checkpoint", run["ckpt"], "--space", "z", "--num-points", "60", "--perplexity", "5",
+         "--threads", "1", "--out", str(out)]))
+    assert xy.shape == (60, 2) and torch.isfinite(torch.as_tensor(xy)).all()
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_swap_grid_png_and_pdf(run, tmp_path):
+    paths = swap_grid.main(swap_grid.get_args_parser().parse_args(
+        ["--checkpoint", run["ckpt"], "--rows", "0,5,9", "--num-cols", "4", "--prior-rows", "1",
+         "--dpi", "100", "--out", str(tmp_path / "grid")]))
+    assert [os.path.basename(p) for p in paths] == ["grid.png", "grid.pdf"]
+    assert open(paths[1], "rb").read(5) == b"%PDF-"
+    from PIL import Image
+    w, h = Image.open(paths[0]).size
+    assert (w, h) == (round(5 * 0.45 * 100), round(5 * 0.45 * 100))  # 5 x 5 cells of 0.45 inch at 100 dpi
+
+
+def test_swap_grid_layout(run):
+    ckpt = utils.load_checkpoint(run["ckpt"])
+    _, enc, dec = utils.build_models(ckpt)
+    data = utils.load_eval_data(ckpt, run["root"], "test")
+    x = utils.to_float(data.images[:5])
+    grid = swap_grid.build_grid(enc, dec, x[:2], x[2:], prior_rows=2, generator=torch.Generator().manual_seed(0))
+    assert grid.shape == (1 + 2 + 2, 1 + 3, 1, 28, 28)
+    assert (grid[0, 0] == 1).all() and (grid[3:, 0] == 1).all()  # blank corner and prior-row headers
+    assert torch.equal(grid[0, 1:], x[2:]) and torch.equal(grid[1:3, 0], x[:2])
+    mu, _, _ = enc(x[:1])
+    _, _, s = enc(x[3:4])
+    torch.testing.assert_close(grid[1, 2], dec(mu, s)[0])  # cell (row 1, column 2) = dec(z_row1, s_col2)
+    img = swap_grid.canvas(grid)
+    assert img.shape == (5 * 28 + 4, 4 * 28 + 3, 3)
+
+
+def test_swap_grid_rejects_bad_indices(run, tmp_path):
+    args = swap_grid.get_args_parser().parse_args(
+        ["--checkpoint", run["ckpt"], "--rows", "0,999", "--out", str(tmp_path / "g")])
+    with pytest.raises(utils.UserError, match="999 is out of range"):
+        swap_grid.main(args)
+
+
+def test_loss_curves(run, tmp_path):
+    out = tmp_path / "curves.png"
+    loss_curves.main(loss_curves.get_args_parser().parse_args([run["run_dir"], "--out", str(out)]))
+    assert out.stat().st_size > 10000
+    y = torch.rand(50).double().numpy()
+    ma = loss_curves.moving_average(y, 7)
+    assert ma[0] == pytest.approx(y[0]) and ma[20] == pytest.approx(y[14:21].mean())
+
+
+# ----------------------------------------------------------------------------- the pretrained file
+
+def test_pretrained_file_is_small_and_enough_for_every_command(run, tmp_path):
+    small = torch.load(run["pretrained"], weights_only=True)
+    assert set(small) == {"format", "model_config", "args", "encoder", "decoder", "step", "versions"}
+    assert set(small["args"]) == {"dataset", "style_dim", "class_dim", "seed", "data_root"}
+    assert os.path.getsize(run["pretrained"]) < os.path.getsize(run["ckpt"]) / 2
+    res = classify(run["pretrained"], "--no-linear-probe")
+    assert res["step"] == 4
+    tsne_plot.main(tsne_plot.get_args_parser().parse_args(
+        ["--checkpoint", run["pretrained"], "--num-points", "30", "--perplexity", "3", "--out", str(tmp_path / "t.png")]))
+    swap_grid.main(swap_grid.get_args_parser().parse_args(
+        ["--checkpoint", run["pretrained"], "--num-rows", "2", "--num-cols", "2", "--out", str(tmp_path / "g")]))
+    assert (tmp_path / "t.png").exists() and (tmp_path / "g.pdf").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("module, extra", [
+    (classify_latents, []), (tsne_plot, ["--out", "x.png"]), (swap_grid, ["--out", "x"]),
+    (export_pretrained, ["--out", "x.pt"])])
+def test_garbage_checkpoint_is_one_error_line_and_exit_2(module, extra, tmp_path, monkeypatch, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all" * 10)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [module.__name__, "--checkpoint", str(garbage), *extra])
+    with pytest.raises(SystemExit) as e:
+        utils.run_cli(module.main, module.get_args_parser())
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "not a readable checkpoint" in err[0]
+    assert not os.path.exists(tmp_path / "x.png") and not os.path.exists(tmp_path / "x.pt")
+
+
+def test_loss_curves_on_a_folder_that_is_no_run(tmp_path, monkeypatch, capsys):
+    (tmp_path / "metrics.csv").write_text("garbage\n1,2\n")
+    monkeypatch.setattr(sys, "argv", ["loss_curves", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        utils.run_cli(loss_curves.main, loss_curves.get_args_parser())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "lacks the column" in err[0]
+
+
+def test_missing_data_root_names_the_flag(run, tmp_path):
+    args = classify_latents.get_args_parser().parse_args(
+        ["--checkpoint", run["pretrained"], "--data-root", str(tmp_path / "nowhere")])
+    with pytest.raises(utils.UserError, match="does not exist"):
+        classify_latents.main(args)
