@@ -328,7 +328,9 @@ def classifier_sets(train_set, test_set, seed, test_fraction=0.2):
     Returns (fit ImageSet, test ImageSet, description of the rule used).
     """
     from data_loader import ImageSet
-    if classes_are_shared(train_set.labels, test_set.labels):
+    # Sprites numbers identities 0..K-1 within each split; factors["identity"] is the global number.
+    ids = [s.factors.get("identity", s.labels) for s in (train_set, test_set)]
+    if classes_are_shared(*ids):
         return train_set, test_set, "splits: classifiers fitted on the train split, tested on the test split"
     fit, test = per_class_split(test_set.labels, test_fraction, seed)
 

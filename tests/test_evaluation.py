@@ -316,3 +316,13 @@ def test_missing_data_root_names_the_flag(run, tmp_path):
         ["--checkpoint", run["pretrained"], "--data-root", str(tmp_path / "nowhere")])
     with pytest.raises(utils.UserError, match="does not exist"):
         classify_latents.main(args)
+
+
+def test_split_rule_uses_global_identities_where_labels_restart_per_split():
+    """Sprites labels are 0..K-1 within each split; the global identity factor decides the rule."""
+    from data_loader import ImageSet
+    images = torch.zeros(40, 1, 4, 4, dtype=torch.uint8)
+    train_set = ImageSet(images, torch.arange(40) % 4, 4, {"identity": torch.arange(40) % 4})
+    test_set = ImageSet(images, torch.arange(40) % 4, 4, {"identity": 10 + torch.arange(40) % 4})
+    fit, test, rule = utils.classifier_sets(train_set, test_set, seed=0)
+    assert rule.startswith("within-class") and len(fit) + len(test) == 40
