@@ -41,9 +41,9 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the reference implementation's form of the iteration")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
-    p.add_argument("--window-seconds", type=float, default=2.0, help="length of each timed window")
+    p.add_argument("--window-seconds", type=float, default=1.5, help="length of each timed window")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--json", default=None, help="write the results here as JSON")
