@@ -239,6 +239,7 @@ def export_pretrained(ckpt_path, out_path):
     """Write the small file evaluation needs: encoder, decoder, model config and a few args
     (no discriminator, optimisers, sampler or RNG states). Returns the dict written."""
     ckpt = load_checkpoint(ckpt_path)
+    build_models(ckpt)  # refuse to export weights that do not fit their own config
     args = ckpt.get("args") or {}
     small = {"format": CHECKPOINT_FORMAT, "model_config": ckpt["model_config"],
              "args": {k: args[k] for k in PRETRAINED_ARGS if k in args},

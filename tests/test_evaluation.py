@@ -286,19 +286,31 @@ def test_pretrained_file_is_small_and_enough_for_every_command(run, tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 
+@pytest.mark.parametrize("kind, message", [("garbage", "not a readable checkpoint"),
+                                           ("truncated", "not a readable checkpoint"),
+                                           ("other_sizes", "other sizes")])
 @pytest.mark.parametrize("module, extra", [
     (classify_latents, []), (tsne_plot, ["--out", "x.png"]), (swap_grid, ["--out", "x"]),
     (export_pretrained, ["--out", "x.pt"])])
-def test_garbage_checkpoint_is_one_error_line_and_exit_2(module, extra, tmp_path, monkeypatch, capsys):
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all" * 10)
+def test_bad_checkpoint_is_one_error_line_and_exit_2(module, extra, kind, message, run, tmp_path, monkeypatch,
+                                                     capsys):
+    bad = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        bad.write_bytes(b"not a checkpoint at all" * 10)
+    elif kind == "truncated":
+        with open(run["pretrained"], "rb") as f:
+            bad.write_bytes(f.read()[:3000])
+    else:  # a config that does not match the weights it holds
+        ck = torch.load(run["pretrained"], weights_only=True)
+        ck["model_config"]["class_dim"] = 5
+        torch.save(ck, bad)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [module.__name__, "--checkpoint", str(garbage), *extra])
+    monkeypatch.setattr(sys, "argv", [module.__name__, "--checkpoint", str(bad), *extra])
     with pytest.raises(SystemExit) as e:
         utils.run_cli(module.main, module.get_args_parser())
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error:") and "not a readable checkpoint" in err[0]
+    assert len(err) == 1 and err[0].startswith("error:") and message in err[0]
     assert not os.path.exists(tmp_path / "x.png") and not os.path.exists(tmp_path / "x.pt")
 
 

@@ -123,6 +123,35 @@ def test_bad_checkpoint_for_resume(monkeypatch, capsys, run_copy, tmp_path, kind
     assert tree(run_dir) == before
 
 
+def test_sprites_file_without_its_sprites_field(monkeypatch, capsys, run_copy, tmp_path):
+    import h5py
+    from test_sprites import write_reed
+    _, run_dir = run_copy
+    data = write_reed(tmp_path / "reed")
+    with h5py.File(os.path.join(data, "sprites", "sprites_1.mat"), "w") as f:
+        f.create_dataset("something_else", data=[1, 2, 3])
+    before = tree(run_dir)
+    code, err = cli(monkeypatch, capsys, ["--dataset", "sprites", "--data-root", data, "--run-dir", str(run_dir),
+                                          "--overwrite", "--batch-size", "2"])
+    assert code == 2 and "sprites_1.mat holds no 'sprites'" in err and err.count("\n") == 1
+    assert tree(run_dir) == before
+
+
+def test_malformed_bop_json(monkeypatch, capsys, run_copy, tmp_path):
+    from test_linemod import make_tiny_bop
+    _, run_dir = run_copy
+    monkeypatch.setenv("DISENTANGLE_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_tiny_bop(tmp_path / "bop")
+    gt = os.path.join(data, "lm", "train_pbr", "000001", "scene_gt.json")
+    with open(gt, "w") as f:
+        f.write("{not json")
+    before = tree(run_dir)
+    code, err = cli(monkeypatch, capsys, ["--dataset", "linemod", "--data-root", data, "--run-dir", str(run_dir),
+                                          "--overwrite", "--batch-size", "2"])
+    assert code == 2 and f"could not read {gt}" in err and err.count("\n") == 1
+    assert tree(run_dir) == before
+
+
 def test_resume_with_other_code_sizes_is_refused(monkeypatch, capsys, run_copy):
     data, run_dir = run_copy
     before = tree(run_dir)
