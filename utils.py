@@ -232,7 +232,8 @@ def save_grid_png(grid, path):
 # encoding it, the classifier split, the latent classifiers and the swap accuracy.
 
 Z_SOURCES = ("mean", "sample")
-PRETRAINED_ARGS = ("dataset", "style_dim", "class_dim", "seed", "data_root")
+PRETRAINED_ARGS = ("dataset", "style_dim", "class_dim", "seed", "data_root",
+                   "linemod_train_split", "linemod_eval_split", "min_visibility")
 
 
 def export_pretrained(ckpt_path, out_path):
@@ -261,10 +262,11 @@ def checkpoint_dataset(ckpt):
 def load_eval_data(ckpt, data_root=None, split="test"):
     """The ImageSet of `split` of the checkpoint's dataset; the data root is --data-root if given,
     else the checkpoint's own, else the default one."""
-    from data_loader import DataError, default_data_root, load_dataset
-    root = data_root or (ckpt.get("args") or {}).get("data_root") or default_data_root()
-    try:
-        return load_dataset(checkpoint_dataset(ckpt), root, split)
+    from data_loader import DataError, dataset_options, default_data_root, load_dataset
+    args = ckpt.get("args") or {}
+    root = data_root or args.get("data_root") or default_data_root()
+    try:  # dataset options (e.g. LINEMOD's BOP splits) as the checkpoint was trained with
+        return load_dataset(checkpoint_dataset(ckpt), root, split, **dataset_options(args))
     except DataError as e:
         if data_root:
             raise

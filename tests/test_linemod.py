@@ -269,3 +269,16 @@ def test_train_cli_on_linemod(bop, tmp_path):
                         "--run-dir", str(tmp_path / "r2"), "--linemod-train-split", "nope", "--no-progress"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "split 'nope'" in p.stderr
+    # the evaluation commands work on a LINEMOD checkpoint (with its BOP splits from the checkpoint)
+    import classify_latents
+    import tsne_plot
+    out = tmp_path / "table.json"
+    classify_latents.main(classify_latents.get_args_parser().parse_args(
+        ["--checkpoint", str(R / "checkpoints" / "last.pt"), "--epochs", "1", "--swap-train-steps", "2",
+         "--swap-pairs", "20", "--out", str(out)]))
+    with open(out) as f:
+        assert "viewpoint" in json.dumps(json.load(f))
+    tsne_plot.main(tsne_plot.get_args_parser().parse_args(
+        ["--checkpoint", str(R / "checkpoints" / "last.pt"), "--num-points", "10", "--perplexity", "2",
+         "--out", str(tmp_path / "tsne.png")]))
+    assert (tmp_path / "tsne.png").stat().st_size > 0
