@@ -683,8 +683,9 @@ def render_sprites(sheet_dir, seed=SPRITES_SEED, identities=SPRITES_IDENTITIES,
     _, _, action, direction, frame = lpc_poses()
     n_poses = len(action)
     images = np.empty((n_ids, n_poses, 3, SPRITES_SIZE, SPRITES_SIZE), np.uint8)  # 1.25 GB for 672
-    for i in range(0, n_ids, chunk):  # chunks bound the working memory (~0.15 GB for 64)
-        images[i:i + chunk] = composite(cells, variants[i:i + chunk], background)
+    from tqdm import tqdm
+    for i in tqdm(range(0, n_ids, chunk), desc="rendering sprites", unit="chunk", leave=False):
+        images[i:i + chunk] = composite(cells, variants[i:i + chunk], background)  # chunks bound memory
     out = {"images": torch.from_numpy(images.reshape(-1, 3, SPRITES_SIZE, SPRITES_SIZE)),
            "identity": torch.arange(n_ids).repeat_interleave(n_poses),
            "variants": torch.from_numpy(variants).long(),

@@ -378,7 +378,8 @@ def train_classifier(features, labels, num_classes, seed, epochs=10, batch_size=
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     n = len(features)
-    for _ in range(epochs):
+    from tqdm import tqdm
+    for _ in tqdm(range(epochs), desc="latent classifier", unit="epoch", leave=False):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
@@ -432,7 +433,8 @@ def train_image_classifier(images_u8, labels, num_classes, cfg, seed, steps=500,
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     perm, pos = torch.randperm(len(labels), generator=g), 0
-    for _ in range(steps):
+    from tqdm import tqdm
+    for _ in tqdm(range(steps), desc="image classifier", unit="step", leave=False):
         if pos + batch_size > len(labels):
             perm, pos = torch.randperm(len(labels), generator=g), 0
         idx = perm[pos:pos + batch_size]
