@@ -235,11 +235,19 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
     run_dir = tmp_path / "killed"
     last = run_dir / "checkpoints" / "last.pt"
     rng = random.Random(0)
-    kills = 0
+    kills, target = 0, 0
+    metrics = run_dir / "metrics.csv"
+
+    def rows():
+        return max(0, len(metrics.read_text().splitlines()) - 1) if metrics.exists() else 0
+
     for _ in range(4):
         cmd = base + (["--resume", str(last)] if last.exists() else args + ["--run-dir", str(run_dir), "--overwrite"])
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 6.0))
+        target += rng.randint(3, 8)  # kill once training has passed this step (well before the end) ...
+        while p.poll() is None and rows() < target:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.05))  # ... at a random moment of a step: some kills land mid-write
         if p.poll() is None:
             p.send_signal(signal.SIGKILL)
             kills += 1
@@ -248,7 +256,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
             torch.load(last, weights_only=True)  # whatever the moment, last.pt loads
     cmd = base + (["--resume", str(last)] if last.exists() else args + ["--run-dir", str(run_dir), "--overwrite"])
     assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0
-    assert kills >= 1
+    assert kills == 4
     subprocess.run(base + args + ["--run-dir", str(tmp_path / "straight")], env=env, check=True, capture_output=True)
 
     a = torch.load(last, weights_only=True)
