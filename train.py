@@ -20,6 +20,9 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event, SessionLog
+from tensorboardX.proto.summary_pb2 import Summary
 from tqdm import tqdm
 
 from data_loader import (LINEMOD_EVAL_SPLIT, LINEMOD_MIN_VISIBILITY, LINEMOD_TRAIN_SPLIT, PairSampler,
@@ -307,7 +310,6 @@ class MetricsLog:
     FIELDS = ["step", "epoch"] + METRICS + ["disc_stepped"]
 
     def __init__(self, run_dir, start_step):
-        from tensorboardX import SummaryWriter
         self.path = os.path.join(run_dir, "metrics.csv")
         if start_step > 0 and os.path.exists(self.path):
             self._truncate(start_step)
@@ -316,8 +318,13 @@ class MetricsLog:
         self.csv = csv.writer(self.file)
         if fresh:
             self.csv.writerow(self.FIELDS)
-        # purge_step makes TensorBoard drop events a killed run wrote after its last checkpoint
-        self.tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start_step + 1 if start_step else None)
+        # Events are written synchronously (tensorboardX's SummaryWriter queues them to a thread whose
+        # flush does not drain the queue, so a kill -9 could lose events older than the checkpoint).
+        os.makedirs(os.path.join(run_dir, "tb"), exist_ok=True)
+        self.tb = EventsWriter(os.path.join(run_dir, "tb", "events"), f".{os.getpid()}")
+        if start_step:  # TensorBoard drops the events a killed run wrote after its last checkpoint
+            self.tb.write_event(Event(wall_time=time.time(), step=start_step + 1,
+                                      session_log=SessionLog(status=SessionLog.START)))
 
     def _truncate(self, start_step):
         """Keep the rows up to the checkpoint's step; drop later ones and any half-written line."""
@@ -332,8 +339,8 @@ class MetricsLog:
 
     def write(self, step, epoch, m):
         self.csv.writerow([step, epoch] + [f"{m[k]:.6g}" for k in METRICS] + [m["disc_stepped"]])
-        for k, tag in TB_TAGS.items():
-            self.tb.add_scalar(tag, m[k], step)
+        self.tb.write_event(Event(wall_time=time.time(), step=step, summary=Summary(
+            value=[Summary.Value(tag=tag, simple_value=m[k]) for k, tag in TB_TAGS.items()])))
 
     def flush(self):
         self.file.flush()
