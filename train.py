@@ -518,7 +518,7 @@ def run_training(args, ckpt, cfg, world, device):
 
     bar = tqdm(total=total, initial=step, disable=not args.progress or not world.is_main, unit="it",
                dynamic_ncols=True)
-    status, tick = 0, time.perf_counter()
+    status, tick, tick_step = 0, time.perf_counter(), step
     try:
         if step == 0:
             sample()
@@ -535,9 +535,9 @@ def run_training(args, ckpt, cfg, world, device):
                 bar.set_postfix(rec=f"{m['recon_loss']:.4f}", gen=f"{m['gen_loss']:.3f}",
                                 disc=f"{m['disc_loss']:.3f}", acc=f"{m['disc_acc']:.2f}")
                 now = time.perf_counter()
-                log(f"step {step} epoch {step // steps_per_epoch} | {args.log_every / (now - tick):.2f} it/s | "
+                log(f"step {step} epoch {step // steps_per_epoch} | {(step - tick_step) / (now - tick):.2f} it/s | "
                     + " ".join(f"{k} {m[k]:.4g}" for k in METRICS), console=not args.progress)
-                tick = now
+                tick, tick_step = now, step  # a resumed run's first interval is shorter than --log-every
             if step % args.sample_every == 0 or step == total:
                 sample()
             if step % ckpt_every == 0 or step == total:

@@ -9,6 +9,11 @@ form of the same iteration (benchmarks/reference_style.py: per-item Python pairi
 DataLoader, separate passes, one backward per loss term, running-statistics instance norm).
 
     python benchmarks/train_throughput.py --data-root ../shared/data --baseline --json results/throughput.json
+
+With --flops it also counts the floating-point operations of an iteration (torch's FlopCounterMode:
+convolutions and matrix products, forward and backward), the rate they run at, and, for scale, the
+rate of one large fp32 matrix product on the same device and threads: how far the iteration is from
+what this machine's matrix units can do.
 """
 import argparse
 import json
@@ -24,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import train  # noqa: E402
 from benchmarks import reference_style as ref  # noqa: E402
@@ -41,11 +47,15 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the reference implementation's form of the iteration")
-    p.add_argument("--warmup", type=int, default=3, help="untimed iterations first")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations first")
     p.add_argument("--windows", type=int, default=5, help="timed windows; the median is reported")
-    p.add_argument("--window-seconds", type=float, default=1.5, help="length of each timed window")
+    p.add_argument("--window-seconds", type=float, default=1.0, help="length of each timed window")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="processes per configuration, alternating ours/reference; the median process is reported")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=False,
+                   help="also count GFLOP per iteration and compare the achieved rate with a large matrix product's")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--single", nargs=2, metavar=("DATASET", "IMPL"), help=argparse.SUPPRESS)
     return p
@@ -83,6 +93,28 @@ def time_windows(step, device, warmup, windows, seconds):
     return statistics.median(rates), rates
 
 
+def count_flops(step, n):
+    """Mean floating-point operations of one call of `step` over n calls (the gate varies the work)."""
+    with FlopCounterMode(display=False) as counter:
+        for _ in range(n):
+            step()
+    return counter.get_total_flops() / n
+
+
+def matmul_gflops(device, size=2048, reps=10):
+    """GFLOP/s of a size x size fp32 matrix product: the scale against which the iteration's rate is read."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(2):
+        a @ b
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync()
+    return 2 * size ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
 def measure(name, impl, args):
     """One configuration in this process: returns a dict of results."""
     device = pick_device(args.device)
@@ -116,6 +148,10 @@ def measure(name, impl, args):
            "threads": torch.get_num_threads(), "compile": args.compile, "amp": args.amp}
     if device.type == "cuda":
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    if args.flops:
+        gflop = count_flops(step, 4) / 1e9
+        out.update(gflop_per_it=round(gflop, 3), achieved_gflops=round(gflop * its, 1),
+                   matmul_gflops=round(matmul_gflops(device), 1))
     return out
 
 
@@ -132,26 +168,46 @@ def machine():
     return info
 
 
+def run_single(name, impl, args):
+    """One configuration measured in a fresh subprocess (so that peak memory is its own)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--single", name, impl, "--device", args.device,
+           "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
+           "--windows", str(args.windows), "--window-seconds", str(args.window_seconds)]
+    cmd += ["--flops"] if args.flops else []
+    cmd += (["--data-root", args.data_root] if args.data_root else [])
+    cmd += (["--compile"] if args.compile else []) + (["--amp"] if args.amp else [])
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise UserError(f"benchmark of {name}/{impl} failed: {p.stderr.strip().splitlines()[-1:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def main(args):
     if args.single:
         print(json.dumps(measure(*args.single, args)))
         return 0
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {args.repeats}")
     rows = []
     for name in args.datasets:
-        for impl in ["ours"] + (["reference"] if args.baseline else []):
-            cmd = [sys.executable, os.path.abspath(__file__), "--single", name, impl, "--device", args.device,
-                   "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
-                   "--windows", str(args.windows), "--window-seconds", str(args.window_seconds)]
-            cmd += (["--data-root", args.data_root] if args.data_root else [])
-            cmd += (["--compile"] if args.compile else []) + (["--amp"] if args.amp else [])
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                raise UserError(f"benchmark of {name}/{impl} failed: {p.stderr.strip().splitlines()[-1:]}")
-            rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
+        impls = ["ours"] + (["reference"] if args.baseline else [])
+        runs = {impl: [] for impl in impls}
+        for _ in range(args.repeats):  # alternating, so that a noisy stretch of time hits both forms alike
+            for impl in impls:
+                runs[impl].append(run_single(name, impl, args))
+        for impl in impls:
+            r = sorted(runs[impl], key=lambda r: r["it_per_s"])[(len(runs[impl]) - 1) // 2]  # the median process
+            if args.repeats > 1:
+                r["process_it_per_s"] = [x["it_per_s"] for x in runs[impl]]
+            rows.append(r)
             print(f"{r['dataset']:8s} {r['impl']:9s} {r['it_per_s']:7.2f} it/s  {r['images_per_s']:8.1f} img/s  "
                   f"{r['epoch_minutes']:6.2f} min/epoch  peak RSS {r['peak_rss_mib']:.0f} MiB"
-                  + (f"  GPU {r['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in r else ""), flush=True)
+                  + (f"  GPU {r['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in r else "")
+                  + (f"  {r['gflop_per_it']:.2f} GFLOP/it = {r['achieved_gflops']:.0f} GFLOP/s "
+                     f"({100 * r['achieved_gflops'] / r['matmul_gflops']:.0f}% of a 2048^3 matmul's "
+                     f"{r['matmul_gflops']:.0f})" if "gflop_per_it" in r else "")
+                  + (f"  (processes: {', '.join(f'{x:.2f}' for x in r['process_it_per_s'])})"
+                     if "process_it_per_s" in r else ""), flush=True)
     by = {(r["dataset"], r["impl"]): r for r in rows}
     for name in args.datasets:
         if (name, "reference") in by:
