@@ -74,9 +74,14 @@ def training_set(name, data_root, n=4096):
     return ImageSet(images, torch.arange(n) % 10, 10), "synthetic"
 
 
+def synchronizer(device):
+    """Waits for the device's queued work (CUDA runs asynchronously; the CPU needs no wait)."""
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
 def time_windows(step, device, warmup, windows, seconds):
     """Median iterations/s over `windows` windows of at least `seconds` each (synchronised on CUDA)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     for _ in range(warmup):
         step()
     sync()
@@ -104,7 +109,7 @@ def count_flops(step, n):
 def matmul_gflops(device, size=2048, reps=10):
     """GFLOP/s of a size x size fp32 matrix product: the scale against which the iteration's rate is read."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = synchronizer(device)
     for _ in range(2):
         a @ b
     sync()
@@ -182,6 +187,20 @@ def run_single(name, impl, args):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def summary_line(r):
+    """One printed line of a result row."""
+    line = (f"{r['dataset']:8s} {r['impl']:9s} {r['it_per_s']:7.2f} it/s  {r['images_per_s']:8.1f} img/s  "
+            f"{r['epoch_minutes']:6.2f} min/epoch  peak RSS {r['peak_rss_mib']:.0f} MiB")
+    if "peak_gpu_mib" in r:
+        line += f"  GPU {r['peak_gpu_mib']:.0f} MiB"
+    if "gflop_per_it" in r:
+        line += (f"  {r['gflop_per_it']:.2f} GFLOP/it = {r['achieved_gflops']:.0f} GFLOP/s "
+                 f"({100 * r['achieved_gflops'] / r['matmul_gflops']:.0f}% of a 2048^3 matmul's {r['matmul_gflops']:.0f})")
+    if "process_it_per_s" in r:
+        line += f"  (processes: {', '.join(f'{x:.2f}' for x in r['process_it_per_s'])})"
+    return line
+
+
 def main(args):
     if args.single:
         print(json.dumps(measure(*args.single, args)))
@@ -200,14 +219,7 @@ def main(args):
             if args.repeats > 1:
                 r["process_it_per_s"] = [x["it_per_s"] for x in runs[impl]]
             rows.append(r)
-            print(f"{r['dataset']:8s} {r['impl']:9s} {r['it_per_s']:7.2f} it/s  {r['images_per_s']:8.1f} img/s  "
-                  f"{r['epoch_minutes']:6.2f} min/epoch  peak RSS {r['peak_rss_mib']:.0f} MiB"
-                  + (f"  GPU {r['peak_gpu_mib']:.0f} MiB" if "peak_gpu_mib" in r else "")
-                  + (f"  {r['gflop_per_it']:.2f} GFLOP/it = {r['achieved_gflops']:.0f} GFLOP/s "
-                     f"({100 * r['achieved_gflops'] / r['matmul_gflops']:.0f}% of a 2048^3 matmul's "
-                     f"{r['matmul_gflops']:.0f})" if "gflop_per_it" in r else "")
-                  + (f"  (processes: {', '.join(f'{x:.2f}' for x in r['process_it_per_s'])})"
-                     if "process_it_per_s" in r else ""), flush=True)
+            print(summary_line(r), flush=True)
     by = {(r["dataset"], r["impl"]): r for r in rows}
     for name in args.datasets:
         if (name, "reference") in by:
