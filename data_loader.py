@@ -119,12 +119,17 @@ def load_dataset(name, root, split="train", **options):
 class PairSampler:
     """Anchors in a fresh random order each epoch; for each anchor a random partner of its class.
 
+    frozen=True reproduces the reference's stream instead: it wrapped its DataLoader in
+    itertools.cycle, which stores the first pass, so every epoch replays the same batches in the
+    same order, each image with the one partner drawn for it at the start. Here: one order and
+    one partner per image drawn at the start, the order replayed whenever it runs out.
+
     Every draw comes from one seeded torch.Generator on the sampler's device, and the
     state (generator, current permutation, position) round-trips through state_dict(),
     so a resumed run draws exactly the pairs an uninterrupted one would.
     """
 
-    def __init__(self, labels, seed, device="cpu"):
+    def __init__(self, labels, seed, device="cpu", frozen=False):
         labels = labels.to(device)
         self.device = torch.device(device)
         self.n = len(labels)
@@ -136,10 +141,13 @@ class PairSampler:
         self.gen.manual_seed(seed)
         self.perm = torch.randperm(self.n, generator=self.gen, device=self.device)
         self.pos = 0
+        self.frozen = frozen
+        self.partner = self.partners(torch.arange(self.n, device=self.device)) if frozen else None
 
     def anchors(self, batch_size):
-        if self.pos + batch_size > self.n:
-            self.perm = torch.randperm(self.n, generator=self.gen, device=self.device)
+        if self.pos + batch_size > self.n:  # an epoch is over (the last incomplete batch is dropped)
+            if not self.frozen:
+                self.perm = torch.randperm(self.n, generator=self.gen, device=self.device)
             self.pos = 0
         idx = self.perm[self.pos:self.pos + batch_size]
         self.pos += batch_size
@@ -154,15 +162,20 @@ class PairSampler:
 
     def pairs(self, batch_size):
         a = self.anchors(batch_size)
-        return a, self.partners(a)
+        return a, self.partner[a] if self.frozen else self.partners(a)
 
     def state_dict(self):
-        return {"gen": self.gen.get_state(), "perm": self.perm.cpu(), "pos": self.pos}
+        state = {"gen": self.gen.get_state(), "perm": self.perm.cpu(), "pos": self.pos}
+        return {**state, "partner": self.partner.cpu()} if self.frozen else state
 
     def load_state_dict(self, state):
+        if self.frozen != ("partner" in state):
+            raise ValueError("the checkpoint's pair stream is " + ("frozen" if "partner" in state else "fresh"))
         self.gen.set_state(state["gen"])
         self.perm = state["perm"].to(self.device)
         self.pos = int(state["pos"])
+        if self.frozen:
+            self.partner = state["partner"].to(self.device)
 
 
 # ----------------------------------------------------------------------------- LINEMOD (BOP layout)

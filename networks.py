@@ -10,6 +10,7 @@ they switched to running averages and evaluation codes differed from training co
 Here an image is always normalised with its own statistics, in training and in
 evaluation alike, so its codes never depend on the rest of its batch or on the mode.
 """
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -76,10 +77,21 @@ def conv_out_size(size, n_layers, padding, kernel=5, stride=2):
 
 
 def weights_init(m):
-    """N(0, 0.05) weights and zero biases, as in the reference."""
-    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+    """The reference's initialisation (tests/test_networks.py checks every parameter against it).
+
+    Its weights_init draws Conv2d and Linear weights N(0, 0.05) with zero biases. It does not
+    match ConvTranspose2d (not a subclass of Conv2d), so the transposed convolutions keep the
+    default of the PyTorch it ran on (0.4): weight and bias uniform in +-1/sqrt(fan), fan =
+    in_channels x kH x kW with the transposed convolution's own in_channels. Current PyTorch's
+    default differs (kaiming-uniform over out_channels x kH x kW), hence the explicit rule.
+    """
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
         nn.init.normal_(m.weight, 0.0, 0.05)
         nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.ConvTranspose2d):
+        bound = 1.0 / math.sqrt(m.in_channels * m.kernel_size[0] * m.kernel_size[1])
+        nn.init.uniform_(m.weight, -bound, bound)
+        nn.init.uniform_(m.bias, -bound, bound)
 
 
 class InstanceNorm(nn.Module):

@@ -69,6 +69,9 @@ def get_args_parser():
     p.add_argument("--disc-steps", type=int, default=1, help="discriminator updates per iteration")
     p.add_argument("--disc-gate", type=float, default=0.8,
                    help="the discriminator steps only when its batch accuracy is below this")
+    p.add_argument("--pairs", default="fresh", choices=["fresh", "frozen"],
+                   help="fresh: a new order and new partners every epoch; frozen: the reference's stream "
+                        "(one order and one partner per image drawn at the start, replayed every epoch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--checkpoint-every", type=int, default=None,
@@ -148,7 +151,7 @@ class Trainer:
                 self.enc, self.dec, self.disc = (torch.compile(n) for n in (self.enc, self.dec, self.disc))
         self.images = train_set.images.to(device)  # the whole set, uint8, on the training device
         seed = rank_seed(args.seed, self.world.rank)  # each rank its own pairs and noise; rank 0: args.seed
-        self.sampler = PairSampler(train_set.labels, seed, device)
+        self.sampler = PairSampler(train_set.labels, seed, device, frozen=args.pairs == "frozen")
         self.noise = torch.Generator(device=device)  # eps of the reparameterisation, z ~ N(0, I)
         self.noise.manual_seed(seed + 1)
         self.rank_streams = None  # every rank's sampler/noise states, gathered for rank 0's checkpoint
@@ -380,8 +383,8 @@ def prepare_run_dir(args, resuming):
 
 def merge_resume_args(args, ckpt):
     """A resumed run keeps the checkpoint's hyper-parameters; only RESUMABLE ones may change."""
-    saved = dict(ckpt["args"])
     defaults = vars(get_args_parser().parse_args([]))
+    saved = {**defaults, **ckpt["args"]}  # options newer than the checkpoint: their defaults
     for k, v in vars(args).items():
         if v == defaults.get(k) and k != "resume":
             continue  # not given on this command line: keep the checkpoint's value

@@ -35,6 +35,36 @@ def test_every_image_is_an_anchor_once_per_epoch():
     assert sorted(seen.tolist()) == list(range(100))
 
 
+def draw_epoch(sampler, n_batches, batch_size):
+    """n_batches draws alternating pairs() and anchors(), as an iteration mixes them."""
+    out = []
+    for k in range(n_batches):
+        out.append(torch.cat(sampler.pairs(batch_size)) if k % 2 == 0 else sampler.anchors(batch_size))
+    return out
+
+
+def test_frozen_stream_replays_epoch_one():
+    """--pairs frozen: epoch 2 sees epoch 1's index stream again, partners included (the reference's
+    itertools.cycle); the default stream draws a new one."""
+    labels = torch.arange(50) % 4
+    frozen, fresh = PairSampler(labels, seed=1, frozen=True), PairSampler(labels, seed=1)
+    epoch1 = draw_epoch(frozen, 6, 8)  # floor(50 / 8) = 6 batches an epoch, 2 images dropped
+    assert torch.equal(torch.cat(epoch1[1::2] + [b[:8] for b in epoch1[::2]]).sort().values.unique(),
+                       torch.cat(epoch1[1::2] + [b[:8] for b in epoch1[::2]]).sort().values)  # no anchor twice
+    for epoch in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(epoch1, draw_epoch(frozen, 6, 8)))
+    assert all(torch.equal(labels[b[:8]], labels[b[8:]]) for b in epoch1[::2])  # partners share the class
+    fresh1 = draw_epoch(fresh, 6, 8)
+    assert torch.equal(fresh1[0][:8], epoch1[0][:8])  # the same first order from the same seed ...
+    assert not all(torch.equal(a, b) for a, b in zip(fresh1, draw_epoch(fresh, 6, 8)))  # ... not replayed
+    state = frozen.state_dict()
+    again = PairSampler(labels, seed=99, frozen=True)
+    again.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(draw_epoch(frozen, 9, 8), draw_epoch(again, 9, 8)))
+    with pytest.raises(ValueError):
+        PairSampler(labels, seed=1).load_state_dict(state)
+
+
 def test_sampler_is_seeded_and_resumable():
     labels = torch.arange(90) % 9
     s1, s2 = PairSampler(labels, 3), PairSampler(labels, 3)

@@ -42,12 +42,49 @@ def test_code_sizes_come_from_the_config():
     assert mu.shape == (2, 5) and s.shape == (2, 7)
 
 
-def test_init_is_normal_0_05_with_zero_bias():
+def check_normal(t, std, name):
+    """t looks like a sample of N(0, std): mean and std within 5 standard errors."""
+    n = t.numel()
+    assert abs(t.mean().item()) < 5 * std / n ** 0.5, name
+    assert abs(t.std().item() - std) < 5 * std / (2 * n) ** 0.5, name
+
+
+def check_uniform(t, bound, name):
+    """t looks like a sample of U(-bound, bound): inside the bounds, mean 0 and std bound/sqrt(3)."""
+    assert t.abs().max().item() <= bound, name
+    if t.numel() >= 16:  # too few values say nothing about the moments
+        n, std = t.numel(), bound / 3 ** 0.5
+        assert abs(t.mean().item()) < 5 * std / n ** 0.5, name
+        assert abs(t.std().item() - std) < 5 * 0.9 * std / n ** 0.5, name  # sd of the sample sd ~ 0.89 std / sqrt(n)
+        assert t.abs().max().item() > 0.5 * bound, name
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_init_follows_the_reference_rule_for_every_parameter(name):
+    """Conv2d and Linear: N(0, 0.05) weights, zero biases (the reference's weights_init).
+    ConvTranspose2d: PyTorch 0.4's default, weight and bias U(+-1/sqrt(in_channels x kH x kW))."""
     torch.manual_seed(0)
-    disc = Discriminator(CONFIGS["mnist"])
-    w = torch.cat([m.weight.flatten() for m in disc.modules() if isinstance(m, nn.Conv2d)])
-    assert abs(w.std().item() - 0.05) < 0.002 and abs(w.mean().item()) < 0.002
-    assert all((m.bias == 0).all() for m in disc.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    cfg = CONFIGS[name]
+    checked = 0
+    for net in (Encoder(cfg), Decoder(cfg), Discriminator(cfg)):
+        for mname, m in net.named_modules():
+            params = list(m.parameters(recurse=False))
+            if not params:
+                continue
+            where = f"{name} {type(net).__name__}.{mname}"
+            if isinstance(m, nn.ConvTranspose2d):
+                bound = 1 / (m.in_channels * m.kernel_size[0] * m.kernel_size[1]) ** 0.5
+                assert m.weight.shape[0] == m.in_channels  # the transposed convolution's own in_channels
+                check_uniform(m.weight, bound, where + ".weight")
+                check_uniform(m.bias, bound, where + ".bias")
+                assert (m.bias != 0).all(), where
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                check_normal(m.weight, 0.05, where + ".weight")
+                assert (m.bias == 0).all(), where
+            else:
+                raise AssertionError(f"{where}: no init rule for {type(m).__name__}")
+            checked += len(params)
+    assert checked == sum(len(list(n.parameters())) for n in (Encoder(cfg), Decoder(cfg), Discriminator(cfg)))
 
 
 def test_instance_norm_equals_torch_instance_norm():

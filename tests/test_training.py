@@ -177,9 +177,11 @@ def load(path):
     return torch.load(path, weights_only=True)
 
 
-def test_resume_is_exact(fake_mnist, tmp_path):
-    run(common(fake_mnist, tmp_path / "a") + ["--max-steps", "10"])
-    run(common(fake_mnist, tmp_path / "b") + ["--max-steps", "5"])
+@pytest.mark.parametrize("pairs", ["fresh", "frozen"])
+def test_resume_is_exact(fake_mnist, tmp_path, pairs):
+    # 256 images, batch 16: 16 batches per epoch, 7 per iteration, so 10 iterations span 4+ epochs
+    run(common(fake_mnist, tmp_path / "a") + ["--max-steps", "10", "--pairs", pairs])
+    run(common(fake_mnist, tmp_path / "b") + ["--max-steps", "5", "--pairs", pairs])
     run(["--resume", str(tmp_path / "b" / "checkpoints" / "last.pt"), "--max-steps", "10"])
     a, b = load(tmp_path / "a" / "checkpoints" / "last.pt"), load(tmp_path / "b" / "checkpoints" / "last.pt")
     assert a["step"] == b["step"] == 10
