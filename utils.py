@@ -322,7 +322,7 @@ def classifier_sets(train_set, test_set, seed, test_fraction=0.2):
     """The images the latent classifiers are fitted on and tested on, by one rule for every dataset.
 
     - The test split's classes all occur in the train split (MNIST: the same ten digits):
-      fit on the train split, test on the test split, as the reference did.
+      fit on the train split, test on the test split.
     - The test split holds classes the train split lacks (Sprites: identities unseen in
       training): a classifier cannot name a class it never saw, so the test split alone is
       the pool, split within each class (seeded, `test_fraction` of each class to the test

@@ -109,5 +109,13 @@ def test_eval_encodes_an_image_the_same_whatever_its_batch():
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
 
 
+def test_classifier_has_the_reference_layers():
+    """The reference's networks.Classifier: Linear 256, BatchNorm1d, LeakyReLU(0.2), twice, then Linear."""
+    layers = list(Classifier(16, 10).net)
+    assert [type(m).__name__ for m in layers] == ["Linear", "BatchNorm1d", "LeakyReLU"] * 2 + ["Linear"]
+    assert [(m.in_features, m.out_features) for m in layers if isinstance(m, nn.Linear)] == [(16, 256), (256, 256), (256, 10)]
+    assert all(m.negative_slope == 0.2 for m in layers if isinstance(m, nn.LeakyReLU))
+
+
 def test_classifier_shapes():
     assert Classifier(16, 10)(torch.randn(5, 16)).shape == (5, 10)

@@ -1,0 +1,105 @@
+"""Markdown table of mean ± standard deviation over seeds, from the JSON files of classify_latents.py.
+
+    python scripts/aggregate_results.py \
+        --row "16/16, 50 epochs" results/mnist/seeds/z16_seed0_sample.json results/mnist/seeds/z16_seed1_sample.json \
+        --row "16/16, gate off, 20 epochs" results/mnist/ablations/gate_off_sample.json \
+        --out results/mnist/table.md
+
+One row per --row (a label, then the JSON files of its seeds). Each cell is the mean over the row's
+files ± the sample standard deviation (n - 1 in the denominator); a row of one file shows its value.
+A column appears when any file has its number; a row whose files lack it shows "–". The files of a row
+must agree on dataset, code sizes, z source and step, so that seeds of one setting are averaged and
+nothing else.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from utils import HelpFormatter, UserError, run_cli  # noqa: E402
+
+# (header, path of the number in classify_latents.py's JSON)
+COLUMNS = [
+    ("z train", "targets.class.mlp.z_train"), ("z test", "targets.class.mlp.z_test"),
+    ("s train", "targets.class.mlp.s_train"), ("s test", "targets.class.mlp.s_test"),
+    ("linear z test", "targets.class.linear.z_test"), ("linear s test", "targets.class.linear.s_test"),
+    ("swap", "swap.swap"), ("prior swap", "swap.prior"), ("z leak", "swap.style_leak"),
+]
+# What the files of one row must share.
+SAME = ("dataset", "style_dim", "class_dim", "z_source", "step")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Mean ± sd over seeds of classify_latents.py JSON files, as a Markdown table.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("--row", nargs="+", action="append", required=True, metavar=("LABEL", "JSON"),
+                   help="a row: its label, then the JSON files of its seeds")
+    p.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    return p
+
+
+def lookup(d, path):
+    for key in path.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read '{path}': {e}") from None
+
+
+def cell(values):
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def table(rows):
+    """rows: [(label, [json dict, ...])] -> Markdown table (str)."""
+    used = [(h, path) for h, path in COLUMNS if any(lookup(d, path) is not None for _, ds in rows for d in ds)]
+    lines = ["| setting | seeds | z | " + " | ".join(h for h, _ in used) + " |",
+             "|---|---:|---|" + "---:|" * len(used)]
+    for label, ds in rows:
+        cells = [cell([lookup(d, path) for d in ds if lookup(d, path) is not None]) for _, path in used]
+        lines.append(f"| {label} | {len(ds)} | {ds[0].get('z_source', '?')} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def check_row(label, files, ds):
+    for key in SAME:
+        values = {json.dumps(d.get(key)) for d in ds}
+        if len(values) > 1:
+            raise UserError(f"row '{label}' mixes {key} values {sorted(values)} ({', '.join(files)}): "
+                            f"a row averages seeds of one setting")
+
+
+def main(args):
+    rows = []
+    for label, *files in args.row:
+        if not files:
+            raise UserError(f"row '{label}' names no JSON file")
+        ds = [read(f) for f in files]
+        check_row(label, files, ds)
+        rows.append((label, ds))
+    md = table(rows)
+    print(md, end="")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write(md)
+    return md
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

@@ -1,0 +1,66 @@
+"""scripts/aggregate_results.py: mean ± sd over seeds from classify_latents.py JSON files."""
+import json
+import os
+import statistics
+import sys
+
+import pytest
+
+from conftest import ROOT
+from utils import UserError
+
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import aggregate_results  # noqa: E402
+
+
+def result(tmp_path, name, z_test, s_test, swap=None, z_source="sample", step=100):
+    d = {"dataset": "mnist", "style_dim": 16, "class_dim": 16, "z_source": z_source, "step": step, "seed": 0,
+         "targets": {"class": {"mlp": {"z_train": z_test + 1, "z_test": z_test, "s_train": s_test + 1, "s_test": s_test}}}}
+    if swap is not None:
+        d["swap"] = {"swap": swap, "prior": 20.0, "style_leak": 1.0}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+def run(rows, out=None):
+    argv = [a for label, files in rows for a in ["--row", label, *files]] + (["--out", out] if out else [])
+    return aggregate_results.main(aggregate_results.get_args_parser().parse_args(argv))
+
+
+def cells(md, label):
+    line = next(l for l in md.splitlines() if l.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def header(md):
+    return [c.strip() for c in md.splitlines()[0].strip("|").split("|")]
+
+
+def test_mean_and_sample_sd_over_seeds(tmp_path):
+    files = [result(tmp_path, f"s{i}", z, s, swap=w) for i, (z, s, w) in
+             enumerate([(70.0, 98.0, 94.0), (66.0, 98.5, 95.0), (71.0, 97.9, 93.5)])]
+    out = str(tmp_path / "t.md")
+    md = run([("16/16", files)], out)
+    row = dict(zip(header(md), cells(md, "16/16")))
+    assert row["seeds"] == "3" and row["z"] == "sample"
+    assert row["z test"] == f"{statistics.mean([70, 66, 71]):.2f} ± {statistics.stdev([70, 66, 71]):.2f}" == "69.00 ± 2.65"
+    assert row["s test"] == "98.13 ± 0.32"
+    assert row["swap"] == "94.17 ± 0.76"
+    assert open(out).read() == md
+
+
+def test_one_file_shows_its_value_and_missing_numbers_a_dash(tmp_path):
+    md = run([("with swap", [result(tmp_path, "a", 70.0, 98.0, swap=94.0)]),
+              ("without", [result(tmp_path, "b", 60.0, 97.0)])])
+    assert dict(zip(header(md), cells(md, "with swap")))["z test"] == "70.00"
+    assert dict(zip(header(md), cells(md, "without")))["swap"] == "–"
+    assert "linear z test" not in header(md)  # no file has it: no column
+
+
+@pytest.mark.parametrize("differ", ["z_source", "step"])
+def test_a_row_refuses_to_mix_settings(tmp_path, differ):
+    a = result(tmp_path, "a", 70.0, 98.0)
+    b = result(tmp_path, "b", 70.0, 98.0, **({"z_source": "mean"} if differ == "z_source" else {"step": 200}))
+    with pytest.raises(UserError, match=differ):
+        run([("mixed", [a, b])])
