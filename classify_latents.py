@@ -137,7 +137,7 @@ def main(args):
         for name in integer_factors(fit_set):
             if name in test_set.factors:
                 targets[name] = (fit_set.factors[name], test_set.factors[name])
-    res = {"checkpoint": os.path.abspath(ckpt["path"]), "step": ckpt.get("step"),
+    res = {"checkpoint": ckpt["path"], "step": ckpt.get("step"),
            "dataset": checkpoint_dataset(ckpt), "style_dim": cfg.style_dim, "class_dim": cfg.class_dim,
            "seed": args.seed, "z_source": args.z_source, "unit": "percent",
            "split": {"rule": rule, "fit_images": len(fit_set), "test_images": len(test_set)},

@@ -96,9 +96,7 @@ def main(args):
     xy = embed(z if args.space == "z" else s, args.perplexity, args.seed, args.threads)
     what = "style code z" + (" (sampled)" if args.z_source == "sample" else "") if args.space == "z" \
         else "class code s"
-    ckpt_name = os.path.relpath(ckpt["path"])
-    if ckpt_name.startswith(".."):
-        ckpt_name = os.path.abspath(ckpt["path"])
+    ckpt_name = ckpt["path"]  # as given on the command line: a figure names no folder of this machine
     plot(xy, labels[idx].numpy(), f"t-SNE of the {what}: {len(idx)} {args.split} images\n"
          f"{ckpt_name} (step {ckpt.get('step')})", args.color_by, args.out, args.dpi)
     print(f"wrote {args.out}")
