@@ -436,7 +436,7 @@ class NullSink:
 
 def main(args):
     check_args(args)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
+    ckpt = load_checkpoint(args.resume, resuming=True) if args.resume else None
     if ckpt is not None:
         args = merge_resume_args(args, ckpt)
     if ckpt is not None:  # the checkpoint's own model config is the truth for a resumed run

@@ -113,14 +113,26 @@ def library_versions():
             "torchvision": str(torchvision.__version__), "numpy": str(np.__version__)}
 
 
-def check_versions(saved, path):
-    """Warn when a checkpoint was written by other code or libraries than the ones running now."""
+def major_minor(version):
+    """'2.14.1+cu130' -> '2.14'."""
+    return ".".join(str(version).split("+")[0].split(".")[:2])
+
+
+def check_versions(saved, path, resuming=False):
+    """Print one warning line when a checkpoint's versions matter: torch or torchvision of another
+    major.minor (results may differ), or, when resuming training, other code. Evaluation of a file
+    written by other code says nothing: every commit changes the code version, so the line would
+    always print. Python, numpy and patch releases stay in the record without a warning."""
     if not saved:
         return
     now = library_versions()
-    diff = [f"{k} {saved[k]} -> {now[k]}" for k in saved if k in now and saved[k] != now[k]]
-    if diff:
-        warnings.warn(f"{path} was written with other versions: {', '.join(diff)}", stacklevel=2)
+    differs = {"torch": major_minor(saved.get("torch")) != major_minor(now["torch"]),
+               "torchvision": major_minor(saved.get("torchvision")) != major_minor(now["torchvision"]),
+               "code": resuming and saved.get("code") != now["code"]}
+    diff = [f"{k} {saved[k]} -> {now[k]}" for k in differs if k in saved and differs[k]]
+    # One plain line on stderr (no Python source line), from one process under torchrun.
+    if diff and os.environ.get("RANK", "0") == "0":
+        print(f"warning: {path} was written with other versions: {', '.join(diff)}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -141,8 +153,9 @@ def atomic_save(obj, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load and validate a checkpoint written by train.py (or a pretrained encoder/decoder file)."""
+def load_checkpoint(path, map_location="cpu", resuming=False):
+    """Load and validate a checkpoint written by train.py (or a pretrained encoder/decoder file);
+    `resuming`: it will continue training, so other code is worth a warning."""
     if os.path.isdir(path):
         cand = os.path.join(path, "checkpoints", "last.pt")
         if not os.path.isfile(cand):
@@ -160,7 +173,7 @@ def load_checkpoint(path, map_location="cpu"):
     for key in ("model_config", "encoder", "decoder"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint '{path}' lacks '{key}'")
-    check_versions(ckpt.get("versions"), path)
+    check_versions(ckpt.get("versions"), path, resuming)
     ckpt["path"] = path
     return ckpt
 
