@@ -249,11 +249,19 @@ PRETRAINED_ARGS = ("dataset", "style_dim", "class_dim", "seed", "data_root",
                    "linemod_train_split", "linemod_eval_split", "min_visibility")
 
 
-def export_pretrained(ckpt_path, out_path):
+def export_pretrained(ckpt_path, out_path, allow_dirty=False):
     """Write the small file evaluation needs: encoder, decoder, model config and a few args
-    (no discriminator, optimisers, sampler or RNG states). Returns the dict written."""
+    (no discriminator, optimisers, sampler or RNG states). Returns the dict written.
+
+    A checkpoint trained from uncommitted changes (code version '...-dirty') is refused unless
+    `allow_dirty`: no commit holds the code that made such weights, which a shared file should say
+    out loud rather than in a suffix nobody reads."""
     ckpt = load_checkpoint(ckpt_path)
     build_models(ckpt)  # refuse to export weights that do not fit their own config
+    code = str((ckpt.get("versions") or {}).get("code", ""))
+    if code.endswith("-dirty") and not allow_dirty:
+        raise UserError(f"'{ckpt_path}' was trained from uncommitted changes (code {code}): export a checkpoint "
+                        f"trained from committed code, or pass --allow-dirty (the file then records '{code}')")
     args = ckpt.get("args") or {}
     small = {"format": CHECKPOINT_FORMAT, "model_config": ckpt["model_config"],
              "args": {k: args[k] for k in PRETRAINED_ARGS if k in args},

@@ -43,8 +43,8 @@ def run(one_thread, tmp_path_factory):
          "--sample-every", "100", "--no-progress"]))
     ckpt = str(run_dir / "checkpoints" / "last.pt")
     pretrained = str(base / "pretrained.pt")
-    export_pretrained.main(export_pretrained.get_args_parser().parse_args(
-        ["--checkpoint", ckpt, "--out", pretrained]))
+    export_pretrained.main(export_pretrained.get_args_parser().parse_args(  # the tests also run on a dirty tree
+        ["--checkpoint", ckpt, "--out", pretrained, "--allow-dirty"]))
     return {"root": root, "run_dir": str(run_dir), "ckpt": ckpt, "pretrained": pretrained, "base": base}
 
 
@@ -283,6 +283,23 @@ def test_pretrained_file_is_small_and_enough_for_every_command(run, tmp_path):
     swap_grid.main(swap_grid.get_args_parser().parse_args(
         ["--checkpoint", run["pretrained"], "--num-rows", "2", "--num-cols", "2", "--out", str(tmp_path / "g")]))
     assert (tmp_path / "t.png").exists() and (tmp_path / "g.pdf").exists()
+
+
+def test_export_refuses_a_checkpoint_of_uncommitted_code_unless_allowed(run, tmp_path, capsys):
+    ck = torch.load(run["ckpt"], weights_only=True)
+    for code in ("0123456789ab", "0123456789ab-dirty"):
+        ck["versions"]["code"] = code
+        torch.save(ck, tmp_path / f"{code}.pt")
+    export = export_pretrained.get_args_parser().parse_args
+    export_pretrained.main(export(["--checkpoint", str(tmp_path / "0123456789ab.pt"), "--out", str(tmp_path / "a.pt")]))
+    assert "uncommitted" not in capsys.readouterr().out
+    dirty = ["--checkpoint", str(tmp_path / "0123456789ab-dirty.pt"), "--out", str(tmp_path / "b.pt")]
+    with pytest.raises(utils.UserError, match=r"uncommitted changes \(code 0123456789ab-dirty\).*--allow-dirty"):
+        export_pretrained.main(export(dirty))
+    assert not (tmp_path / "b.pt").exists()
+    export_pretrained.main(export(dirty + ["--allow-dirty"]))
+    assert "trained from uncommitted changes, recorded as code 0123456789ab-dirty" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["versions"]["code"] == "0123456789ab-dirty"
 
 
 # ----------------------------------------------------------------------------- bad input
