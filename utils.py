@@ -214,19 +214,28 @@ def to_float(images_u8):
     return images_u8.float().div_(255)
 
 
+def image_background(images):
+    """(C,) colour of the images' background: the per-channel median of their border pixels
+    (black for MNIST)."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], -1)
+    return border.transpose(0, 1).flatten(1).median(dim=1).values
+
+
 @torch.no_grad()
 def swap_grid(encoder, decoder, x_style, x_class):
     """The paper's figure as a (rows, cols, C, H, W) tensor of images.
 
     The top row holds the images that give the class code s, the left column those
     that give the style z (the mean of q(z|x)); cell (i, j) is dec(z_i, s_j).
-    The top-left corner is left white.
+    The empty top-left corner takes the images' background colour, so that it reads as blank
+    (a white corner stands out on MNIST's black).
     """
     mu, _, _ = encoder(x_style)
     _, _, s = encoder(x_class)
     nz, ns = len(x_style), len(x_class)
     cells = decoder(mu.repeat_interleave(ns, 0), s.repeat(nz, 1))
     grid = torch.ones(nz + 1, ns + 1, *x_style.shape[1:], device=x_style.device)
+    grid[0, 0] = image_background(torch.cat([x_style, x_class]))[:, None, None]
     grid[0, 1:] = x_class
     grid[1:, 0] = x_style
     grid[1:, 1:] = cells.view(nz, ns, *x_style.shape[1:])
