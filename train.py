@@ -49,46 +49,52 @@ class DivergenceError(UserError):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train the disentangling autoencoder of Mathieu et al. (2016).",
                                 formatter_class=HelpFormatter)
-    p.add_argument("--dataset", default="mnist", choices=sorted(CONFIGS), help="dataset and network config")
-    p.add_argument("--data-root", default=None,
-                   help="data folder (default: $DISENTANGLE_DATA_ROOT, else ./data)")
-    p.add_argument("--run-dir", default=None,
-                   help="output folder (default: runs/{dataset}__z{Z}_s{S}__seed{SEED}__{time})")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
-    p.add_argument("--resume", default=None, help="checkpoint file (or run directory) to continue from")
-    p.add_argument("--epochs", type=int, default=50, help="epochs of floor(N / batch) iterations")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in all")
-    p.add_argument("--batch-size", type=int, default=64,
-                   help="images per batch of each process; under torchrun the global batch is this x WORLD_SIZE")
-    p.add_argument("--style-dim", type=int, default=None, help="size of z (default: the dataset config's)")
-    p.add_argument("--class-dim", type=int, default=None, help="size of s (default: the dataset config's)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of all three optimisers")
-    p.add_argument("--beta1", type=float, default=0.5)
-    p.add_argument("--beta2", type=float, default=0.999)
-    p.add_argument("--gen-steps", type=int, default=2, help="generator updates per iteration")
-    p.add_argument("--disc-steps", type=int, default=1, help="discriminator updates per iteration")
-    p.add_argument("--disc-gate", type=float, default=0.8,
-                   help="the discriminator steps only when its batch accuracy is below this")
-    p.add_argument("--pairs", default="fresh", choices=["fresh", "frozen"],
-                   help="fresh: a new order and new partners every epoch; frozen: the reference's stream "
-                        "(one order and one partner per image drawn at the start, replayed every epoch)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="iterations between checkpoints (default: one epoch)")
-    p.add_argument("--keep-checkpoints", type=int, default=3,
-                   help="periodic checkpoints kept besides last.pt (0 = keep all)")
-    p.add_argument("--log-every", type=int, default=50, help="iterations between progress-bar/log updates")
-    p.add_argument("--sample-every", type=int, default=1000, help="iterations between swap grids")
-    p.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
-                   help="on a NaN/inf loss: stop the run, or skip that update (checks every update)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
-                   help="torch.compile the networks")
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
-                   help="bf16 autocast for the forward passes")
-    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels-last memory format (default: on for CUDA)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    # Groups as in the README's table; what a flag does and its default do not depend on its group.
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="mnist", choices=sorted(CONFIGS), help="dataset and network config")
+    data.add_argument("--data-root", default=None,
+                      help="data folder (default: $DISENTANGLE_DATA_ROOT, else ./data)")
+    model = p.add_argument_group("model")
+    model.add_argument("--style-dim", type=int, default=None, help="size of z (default: the dataset config's)")
+    model.add_argument("--class-dim", type=int, default=None, help="size of s (default: the dataset config's)")
+    sched = p.add_argument_group("schedule and optimisation")
+    sched.add_argument("--epochs", type=int, default=50, help="epochs of floor(N / batch) iterations")
+    sched.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in all")
+    sched.add_argument("--batch-size", type=int, default=64,
+                       help="images per batch of each process; under torchrun the global batch is this x WORLD_SIZE")
+    sched.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of all three optimisers")
+    sched.add_argument("--beta1", type=float, default=0.5)
+    sched.add_argument("--beta2", type=float, default=0.999)
+    sched.add_argument("--gen-steps", type=int, default=2, help="generator updates per iteration")
+    sched.add_argument("--disc-steps", type=int, default=1, help="discriminator updates per iteration")
+    sched.add_argument("--disc-gate", type=float, default=0.8,
+                       help="the discriminator steps only when its batch accuracy is below this")
+    sched.add_argument("--pairs", default="fresh", choices=["fresh", "frozen"],
+                       help="fresh: a new order and new partners every epoch; frozen: the reference's stream "
+                            "(one order and one partner per image drawn at the start, replayed every epoch)")
+    sched.add_argument("--seed", type=int, default=0)
+    run = p.add_argument_group("run and checkpoints")
+    run.add_argument("--run-dir", default=None,
+                     help="output folder (default: runs/{dataset}__z{Z}_s{S}__seed{SEED}__{time})")
+    run.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
+    run.add_argument("--resume", default=None, help="checkpoint file (or run directory) to continue from")
+    run.add_argument("--checkpoint-every", type=int, default=None,
+                     help="iterations between checkpoints (default: one epoch)")
+    run.add_argument("--keep-checkpoints", type=int, default=3,
+                     help="periodic checkpoints kept besides last.pt (0 = keep all)")
+    run.add_argument("--log-every", type=int, default=50, help="iterations between progress-bar/log updates")
+    run.add_argument("--sample-every", type=int, default=1000, help="iterations between swap grids")
+    run.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
+                     help="on a NaN/inf loss: stop the run, or skip that update (checks every update)")
+    run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
+    speed = p.add_argument_group("device and speed")
+    speed.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    speed.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the networks")
+    speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
+                       help="bf16 autocast for the forward passes")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="channels-last memory format (default: on for CUDA)")
     lm = p.add_argument_group("LINEMOD (BOP layout <data-root>/lm/<split>/)")
     lm.add_argument("--linemod-train-split", default=LINEMOD_TRAIN_SPLIT,
                     help="BOP split trained on (train_pbr: PBR renders; train: BOP'18 renders; test: real photos)")
@@ -439,7 +445,7 @@ class NullSink:
 
 def main(args):
     check_args(args)
-    ckpt = load_checkpoint(args.resume) if args.resume else None
+    ckpt = load_checkpoint(args.resume, resuming=True) if args.resume else None
     if ckpt is not None:
         args = merge_resume_args(args, ckpt)
     if ckpt is not None:  # the checkpoint's own model config is the truth for a resumed run

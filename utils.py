@@ -113,14 +113,26 @@ def library_versions():
             "torchvision": str(torchvision.__version__), "numpy": str(np.__version__)}
 
 
-def check_versions(saved, path):
-    """Warn when a checkpoint was written by other code or libraries than the ones running now."""
+def major_minor(version):
+    """'2.14.1+cu130' -> '2.14'."""
+    return ".".join(str(version).split("+")[0].split(".")[:2])
+
+
+def check_versions(saved, path, resuming=False):
+    """Print one warning line when a checkpoint's versions matter: torch or torchvision of another
+    major.minor (results may differ), or, when resuming training, other code. Evaluation of a file
+    written by other code says nothing: every commit changes the code version, so the line would
+    always print. Python, numpy and patch releases stay in the record without a warning."""
     if not saved:
         return
     now = library_versions()
-    diff = [f"{k} {saved[k]} -> {now[k]}" for k in saved if k in now and saved[k] != now[k]]
-    if diff:
-        warnings.warn(f"{path} was written with other versions: {', '.join(diff)}", stacklevel=2)
+    differs = {"torch": major_minor(saved.get("torch")) != major_minor(now["torch"]),
+               "torchvision": major_minor(saved.get("torchvision")) != major_minor(now["torchvision"]),
+               "code": resuming and saved.get("code") != now["code"]}
+    diff = [f"{k} {saved[k]} -> {now[k]}" for k in differs if k in saved and differs[k]]
+    # One plain line on stderr (no Python source line), from one process under torchrun.
+    if diff and os.environ.get("RANK", "0") == "0":
+        print(f"warning: {path} was written with other versions: {', '.join(diff)}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -141,8 +153,9 @@ def atomic_save(obj, path):
         os.close(dir_fd)
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Load and validate a checkpoint written by train.py (or a pretrained encoder/decoder file)."""
+def load_checkpoint(path, map_location="cpu", resuming=False):
+    """Load and validate a checkpoint written by train.py (or a pretrained encoder/decoder file);
+    `resuming`: it will continue training, so other code is worth a warning."""
     if os.path.isdir(path):
         cand = os.path.join(path, "checkpoints", "last.pt")
         if not os.path.isfile(cand):
@@ -160,7 +173,7 @@ def load_checkpoint(path, map_location="cpu"):
     for key in ("model_config", "encoder", "decoder"):
         if key not in ckpt:
             raise CheckpointError(f"checkpoint '{path}' lacks '{key}'")
-    check_versions(ckpt.get("versions"), path)
+    check_versions(ckpt.get("versions"), path, resuming)
     ckpt["path"] = path
     return ckpt
 
@@ -201,19 +214,28 @@ def to_float(images_u8):
     return images_u8.float().div_(255)
 
 
+def image_background(images):
+    """(C,) colour of the images' background: the per-channel median of their border pixels
+    (black for MNIST)."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], -1)
+    return border.transpose(0, 1).flatten(1).median(dim=1).values
+
+
 @torch.no_grad()
 def swap_grid(encoder, decoder, x_style, x_class):
     """The paper's figure as a (rows, cols, C, H, W) tensor of images.
 
     The top row holds the images that give the class code s, the left column those
     that give the style z (the mean of q(z|x)); cell (i, j) is dec(z_i, s_j).
-    The top-left corner is left white.
+    The empty top-left corner takes the images' background colour, so that it reads as blank
+    (a white corner stands out on MNIST's black).
     """
     mu, _, _ = encoder(x_style)
     _, _, s = encoder(x_class)
     nz, ns = len(x_style), len(x_class)
     cells = decoder(mu.repeat_interleave(ns, 0), s.repeat(nz, 1))
     grid = torch.ones(nz + 1, ns + 1, *x_style.shape[1:], device=x_style.device)
+    grid[0, 0] = image_background(torch.cat([x_style, x_class]))[:, None, None]
     grid[0, 1:] = x_class
     grid[1:, 0] = x_style
     grid[1:, 1:] = cells.view(nz, ns, *x_style.shape[1:])
@@ -236,11 +258,19 @@ PRETRAINED_ARGS = ("dataset", "style_dim", "class_dim", "seed", "data_root",
                    "linemod_train_split", "linemod_eval_split", "min_visibility")
 
 
-def export_pretrained(ckpt_path, out_path):
+def export_pretrained(ckpt_path, out_path, allow_dirty=False):
     """Write the small file evaluation needs: encoder, decoder, model config and a few args
-    (no discriminator, optimisers, sampler or RNG states). Returns the dict written."""
+    (no discriminator, optimisers, sampler or RNG states). Returns the dict written.
+
+    A checkpoint trained from uncommitted changes (code version '...-dirty') is refused unless
+    `allow_dirty`: no commit holds the code that made such weights, which a shared file should say
+    out loud rather than in a suffix nobody reads."""
     ckpt = load_checkpoint(ckpt_path)
     build_models(ckpt)  # refuse to export weights that do not fit their own config
+    code = str((ckpt.get("versions") or {}).get("code", ""))
+    if code.endswith("-dirty") and not allow_dirty:
+        raise UserError(f"'{ckpt_path}' was trained from uncommitted changes (code {code}): export a checkpoint "
+                        f"trained from committed code, or pass --allow-dirty (the file then records '{code}')")
     args = ckpt.get("args") or {}
     small = {"format": CHECKPOINT_FORMAT, "model_config": ckpt["model_config"],
              "args": {k: args[k] for k in PRETRAINED_ARGS if k in args},

@@ -3,7 +3,10 @@
     python scripts/export_pretrained.py --checkpoint runs/mnist/checkpoints/last.pt --out pretrained/mnist_z16_s16.pt
 
 The file is what every evaluation script needs, without the discriminator, optimisers or RNG
-states a training checkpoint carries for resuming (it cannot resume training).
+states a training checkpoint carries for resuming (it cannot resume training). The file keeps the
+code and library versions the checkpoint recorded. A checkpoint trained from uncommitted changes
+(code version ending in '-dirty') is refused unless --allow-dirty is given; the file then records
+that version, and the command says so.
 """
 import argparse
 import os
@@ -19,13 +22,17 @@ def get_args_parser():
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training checkpoint (or run directory)")
     p.add_argument("--out", required=True, help="the file to write")
+    p.add_argument("--allow-dirty", action="store_true",
+                   help="export a checkpoint trained from uncommitted changes (code version '...-dirty')")
     return p
 
 
 def main(args):
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    export_pretrained(args.checkpoint, args.out)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
+    small = export_pretrained(args.checkpoint, args.out, args.allow_dirty)
+    code = str((small["versions"] or {}).get("code", ""))
+    dirty = f"; trained from uncommitted changes, recorded as code {code}" if code.endswith("-dirty") else ""
+    print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB){dirty}")
     return args.out
 
 

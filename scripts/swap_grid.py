@@ -4,7 +4,8 @@
     python scripts/swap_grid.py --checkpoint CKPT --rows 0,5,9 --cols 1,2,3,4 --prior-rows 2 --out figs/swap
 
 Writes FILE.png (at --dpi) and FILE.pdf. The top row shows the images giving the class code s,
-the left column those giving the style z (the mean of q(z|x)); the corner is blank.
+the left column those giving the style z (the mean of q(z|x)); the corner is blank: it and the
+figure's background take the images' background colour (black for MNIST).
 --prior-rows adds rows decoded from z ~ N(0, I) instead of an image's style.
 """
 import argparse
@@ -96,7 +97,8 @@ def render(grid, n_rows, prior_rows, out, dpi, cell_inches):
     import matplotlib.pyplot as plt
     img = canvas(grid)
     n_r, n_c = grid.shape[:2]
-    fig = plt.figure(figsize=(n_c * cell_inches, n_r * cell_inches))
+    # The figure's background is the empty corner's colour, so a margin left by the aspect ratio matches it.
+    fig = plt.figure(figsize=(n_c * cell_inches, n_r * cell_inches), facecolor=tuple(img[0, 0]))
     ax = fig.add_axes([0, 0, 1, 1])
     ax.imshow(img, interpolation="nearest")
     ax.set_axis_off()

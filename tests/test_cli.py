@@ -31,3 +31,21 @@ def test_train_then_resume_through_the_command_line(fake_mnist, tmp_path):
     assert torch.load(R / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
     with open(R / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))
+
+
+def test_help_lists_every_flag_under_its_group():
+    import re
+    import train
+    parser = train.get_args_parser()
+    sections = {}  # section title of --help -> the flags listed under it
+    for block in parser.format_help().split("\n\n"):
+        title, _, body = block.partition(":\n")
+        sections[title] = re.findall(r"^  (--[\w-]+)", body, re.M)
+    groups = ["data", "model", "schedule and optimisation", "run and checkpoints", "device and speed"]
+    assert [t for t in sections if t in groups] == groups and any(t.startswith("LINEMOD") for t in sections)
+    assert sections["options"] == []  # only -h is left outside a group
+    assert sections["data"] == ["--dataset", "--data-root"] and "--resume" in sections["run and checkpoints"]
+    assert "--lr" in sections["schedule and optimisation"] and "--compile" in sections["device and speed"]
+    listed = [f for flags in sections.values() for f in flags]
+    every = [a.option_strings[0] for a in parser._actions if a.option_strings[0] != "-h"]
+    assert sorted(listed) == sorted(every)  # each flag once

@@ -2,8 +2,11 @@
 t-SNE, swap grid, loss curves, the pretrained export, and their errors on bad input."""
 import json
 import os
+import re
 import sys
+import zlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -43,8 +46,8 @@ def run(one_thread, tmp_path_factory):
          "--sample-every", "100", "--no-progress"]))
     ckpt = str(run_dir / "checkpoints" / "last.pt")
     pretrained = str(base / "pretrained.pt")
-    export_pretrained.main(export_pretrained.get_args_parser().parse_args(
-        ["--checkpoint", ckpt, "--out", pretrained]))
+    export_pretrained.main(export_pretrained.get_args_parser().parse_args(  # the tests also run on a dirty tree
+        ["--checkpoint", ckpt, "--out", pretrained, "--allow-dirty"]))
     return {"root": root, "run_dir": str(run_dir), "ckpt": ckpt, "pretrained": pretrained, "base": base}
 
 
@@ -243,13 +246,45 @@ def test_swap_grid_layout(run):
     x = utils.to_float(data.images[:5])
     grid = swap_grid.build_grid(enc, dec, x[:2], x[2:], prior_rows=2, generator=torch.Generator().manual_seed(0))
     assert grid.shape == (1 + 2 + 2, 1 + 3, 1, 28, 28)
-    assert (grid[0, 0] == 1).all() and (grid[3:, 0] == 1).all()  # blank corner and prior-row headers
+    assert (grid[0, 0] == utils.image_background(x)).all() and (grid[3:, 0] == 1).all()  # corner, prior headers
     assert torch.equal(grid[0, 1:], x[2:]) and torch.equal(grid[1:3, 0], x[:2])
     mu, _, _ = enc(x[:1])
     _, _, s = enc(x[3:4])
     torch.testing.assert_close(grid[1, 2], dec(mu, s)[0])  # cell (row 1, column 2) = dec(z_row1, s_col2)
     img = swap_grid.canvas(grid)
     assert img.shape == (5 * 28 + 4, 4 * 28 + 3, 3)
+
+
+def pdf_first_pixel(path):
+    """RGB (0-255) of the top-left pixel of the one image matplotlib embedded in a PDF."""
+    data = open(path, "rb").read()
+    head, stream = re.search(rb"/Subtype /Image(.*?)>>\s*stream\r?\n(.*?)\r?\nendstream", data, re.S).groups()
+    raw = zlib.decompress(stream)
+    if b"/Predictor" in head:  # each row opens with a PNG filter byte; every filter predicts 0 for the first byte
+        raw = raw[1:]
+    if b"/Indexed" in head:  # a palette: /Indexed /DeviceRGB n (bytes), then indices of BitsPerComponent bits
+        bits = int(re.search(rb"/BitsPerComponent (\d+)", head).group(1))
+        palette = re.search(rb"/Indexed /DeviceRGB \d+\s*\(((?:\\.|[^\\)])*)\)", head, re.S).group(1)
+        palette = re.sub(rb"\\(.)", lambda m: {b"n": b"\n", b"r": b"\r"}.get(m.group(1), m.group(1)), palette)
+        i = raw[0] >> (8 - bits)
+        return tuple(palette[3 * i:3 * i + 3])
+    return tuple(raw[:3])
+
+
+@pytest.mark.parametrize("bg", [0.0, 0.2])
+def test_swap_grid_corner_matches_the_background_in_png_and_pdf(run, tmp_path, bg):
+    _, enc, dec = utils.build_models(utils.load_checkpoint(run["ckpt"]))
+    x = torch.full((4, 1, 28, 28), bg)
+    x[:, :, :, 10:14] = torch.rand(4, 1, 28, 4)  # a stroke on a plain background, crossing the border
+    grid = swap_grid.build_grid(enc, dec, x[:2], x[2:], prior_rows=1, generator=torch.Generator().manual_seed(0))
+    png, pdf = swap_grid.render(grid, 2, 1, str(tmp_path / "g"), dpi=40, cell_inches=0.5)
+    from PIL import Image
+    rgb = torch.from_numpy(np.array(Image.open(png).convert("RGB"))).int()
+    want = round(bg * 255)
+    corner = rgb[:18, :18]  # a cell is 0.5 inch = 20 pixels at 40 dpi
+    assert (corner - want).abs().max() <= 1, corner[0, 0]
+    assert (rgb[:, 25:] - want).abs().max() > 100  # the rest is not all background: the test can see a difference
+    assert all(abs(v - want) <= 1 for v in pdf_first_pixel(pdf)), pdf_first_pixel(pdf)
 
 
 def test_swap_grid_rejects_bad_indices(run, tmp_path):
@@ -283,6 +318,23 @@ def test_pretrained_file_is_small_and_enough_for_every_command(run, tmp_path):
     swap_grid.main(swap_grid.get_args_parser().parse_args(
         ["--checkpoint", run["pretrained"], "--num-rows", "2", "--num-cols", "2", "--out", str(tmp_path / "g")]))
     assert (tmp_path / "t.png").exists() and (tmp_path / "g.pdf").exists()
+
+
+def test_export_refuses_a_checkpoint_of_uncommitted_code_unless_allowed(run, tmp_path, capsys):
+    ck = torch.load(run["ckpt"], weights_only=True)
+    for code in ("0123456789ab", "0123456789ab-dirty"):
+        ck["versions"]["code"] = code
+        torch.save(ck, tmp_path / f"{code}.pt")
+    export = export_pretrained.get_args_parser().parse_args
+    export_pretrained.main(export(["--checkpoint", str(tmp_path / "0123456789ab.pt"), "--out", str(tmp_path / "a.pt")]))
+    assert "uncommitted" not in capsys.readouterr().out
+    dirty = ["--checkpoint", str(tmp_path / "0123456789ab-dirty.pt"), "--out", str(tmp_path / "b.pt")]
+    with pytest.raises(utils.UserError, match=r"uncommitted changes \(code 0123456789ab-dirty\).*--allow-dirty"):
+        export_pretrained.main(export(dirty))
+    assert not (tmp_path / "b.pt").exists()
+    export_pretrained.main(export(dirty + ["--allow-dirty"]))
+    assert "trained from uncommitted changes, recorded as code 0123456789ab-dirty" in capsys.readouterr().out
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["versions"]["code"] == "0123456789ab-dirty"
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -168,14 +168,42 @@ def test_run_dir_holding_a_run_is_refused(monkeypatch, capsys, run_copy):
     assert tree(run_dir) == before
 
 
-def test_versions_differing_warns(run_copy, tmp_path):
-    _, run_dir = run_copy
+def with_versions(run_dir, tmp_path, **changes):
+    """A copy of the run's last checkpoint whose recorded versions are changed."""
     ck = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert set(ck["versions"]) >= {"code", "torch", "torchvision", "numpy", "python"}
-    ck["versions"]["torch"] = "0.4.1"
-    torch.save(ck, tmp_path / "old.pt")
-    with pytest.warns(UserWarning, match="torch 0.4.1 -> "):
-        utils.load_checkpoint(str(tmp_path / "old.pt"))
+    ck["versions"].update(changes)
+    path = tmp_path / "other.pt"
+    torch.save(ck, path)
+    return path
+
+
+def test_evaluating_a_file_written_by_other_code_prints_nothing(run_copy, tmp_path, capsys, recwarn):
+    _, run_dir = run_copy
+    now = utils.library_versions()
+    path = with_versions(run_dir, tmp_path, code="0123456789ab-dirty", numpy="1.0.0", python="3.0.0",
+                         torch=utils.major_minor(now["torch"]) + ".99")  # a patch release: same results
+    assert utils.load_checkpoint(str(path))["versions"]["code"] == "0123456789ab-dirty"  # the record is kept
+    assert capsys.readouterr().err == "" and len(recwarn) == 0
+
+
+def test_resuming_with_other_code_warns_once_in_one_line(run_copy, tmp_path, monkeypatch, capsys):
+    _, run_dir = run_copy
+    path = with_versions(run_dir, tmp_path, code="0123456789ab")
+    code, err = cli(monkeypatch, capsys, ["--resume", str(path), "--run-dir", str(run_dir), "--max-steps", "4"])
+    now = utils.library_versions()["code"]
+    assert code == 0
+    assert err.splitlines() == [f"warning: {path} was written with other versions: code 0123456789ab -> {now}"]
+
+
+def test_a_torch_minor_version_difference_warns(run_copy, tmp_path, capsys):
+    _, run_dir = run_copy
+    path = with_versions(run_dir, tmp_path, torch="2.1.0", torchvision="0.16.0")
+    utils.load_checkpoint(str(path))
+    now = utils.library_versions()
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {path} was written with other versions: torch 2.1.0 -> {now['torch']}, "
+        f"torchvision 0.16.0 -> {now['torchvision']}"]
 
 
 # ---------------------------------------------------------------- interruption
