@@ -159,8 +159,13 @@ class PairSampler:
     def state_dict(self):
         return {"gen": self.gen.get_state(), "perm": self.perm.cpu(), "pos": self.pos}
 
-    def load_state_dict(self, state):
-        self.gen.set_state(state["gen"])
+    def load_state_dict(self, state, reseed=None):
+        """Restore `state`; with `reseed`, seed the generator with it instead of restoring its state
+        (a state saved on another device type cannot load on this one)."""
+        if reseed is None:
+            self.gen.set_state(state["gen"])
+        else:
+            self.gen.manual_seed(reseed)
         self.perm = state["perm"].to(self.device)
         self.pos = int(state["pos"])
 
