@@ -16,7 +16,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -266,6 +266,21 @@ def reconstruction_step(t, x1, x2):
     return rec.detach(), kl.detach()
 
 
+@contextmanager
+def frozen(module):
+    """The module's weights as constants for the forward passes inside: their gradients are never
+    computed. backward(inputs=...) alone skips them in eager mode only; a torch.compile'd module's
+    backward is one fused function that computes every weight gradient it was compiled with."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def generator_step(t, x1, x3):
     """Update encoder+decoder: the discriminator must take (x3, dec(z1, s3)) and
     (x3, dec(z ~ N(0, I), s3)) for real same-class pairs; plus KL(q(z|x1) || N(0, I))."""
@@ -275,7 +290,8 @@ def generator_step(t, x1, x3):
         mu1, logvar1, s3 = mu[:B].float(), logvar[:B].float(), s[B:]
         z1 = reparameterize(mu1, logvar1, t.randn(B))
         fake = t.dec(torch.cat([z1, t.randn(B)]), torch.cat([s3, s3]))  # dec(z1,s3) ; dec(z~N(0,I),s3)
-        logits = t.disc_local(torch.cat([x3, x3]), fake).float()
+        with frozen(t.discriminator):
+            logits = t.disc_local(torch.cat([x3, x3]), fake).float()
     real = torch.ones(B, dtype=torch.long, device=x1.device)
     gen = F.cross_entropy(logits[:B], real) + F.cross_entropy(logits[B:], real)
     kl = kl_divergence(mu1, logvar1, t.n_pixels)

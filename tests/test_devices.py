@@ -253,3 +253,32 @@ def test_average_makes_one_host_read_for_the_values_and_the_stop_flag(monkeypatc
     monkeypatch.undo()
     assert values == [0.5, 0.25, 0.75] and world.stop_agreed
     assert reads == ["tolist"]
+
+
+def test_generator_update_computes_no_discriminator_weight_gradients_when_compiled():
+    """backward(inputs=encoder/decoder weights) skips D's weight gradients in eager mode only; a compiled
+    D's backward is one function computing every gradient it was traced with, unless D's weights are
+    constants (frozen) in the generator update. Traced here with AOT autograd and the eager backend."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def backward_compiler(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=lambda gm, ex: make_boxed_func(gm.forward), bw_compiler=backward_compiler)
+    args = train.get_args_parser().parse_args(["--batch-size", "8"])
+    t = train.Trainer(get_config("mnist"), args, _tiny_set(), torch.device("cpu"))
+    t.disc_local = torch.compile(t.discriminator, backend=backend)  # what --compile gives the generator update
+    x1, x3 = t.batch(t.sampler.anchors(8)), t.batch(t.sampler.anchors(8))
+    train.generator_step(t, x1, x3)
+    convs = [n for gm in graphs for n in gm.graph.nodes if "convolution_backward" in str(n.target)]
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in t.discriminator.modules())
+    assert len(convs) == n_convs > 0
+    assert [n.args[-1][1:] for n in convs] == [[False, False]] * n_convs  # (weight, bias) gradients: none
+    assert all(p.grad is None for p in t.discriminator.parameters())
+    assert all(p.requires_grad for p in t.discriminator.parameters())  # unfrozen again for its own update
+    torch._dynamo.reset()
