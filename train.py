@@ -125,7 +125,7 @@ class Trainer:
         self.encoder, self.decoder, self.discriminator = (
             Encoder(cfg).to(device), Decoder(cfg).to(device), Discriminator(cfg).to(device))
         # Opt-in everywhere: group norm returns contiguous tensors, so each norm layer would pay two
-        # layout conversions, and the 1-2-channel first layers gain nothing.
+        # layout conversions, and the few-channel first layers gain nothing.
         self.channels_last = bool(args.channels_last)
         if self.channels_last:
             for net in self.nets():

@@ -247,8 +247,10 @@ def test_average_makes_one_host_read_for_the_values_and_the_stop_flag(monkeypatc
                         lambda buf, op: buf.copy_(torch.cat([buf[:-1] * 2, buf[-1:]])))
     reads = []
     for name in ("tolist", "item", "__bool__", "__float__", "numpy"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _n=name: reads.append(_n) or _real(self, *a))
+        def counted(self, *a, _real=getattr(torch.Tensor, name), _name=name):
+            reads.append(_name)
+            return _real(self, *a)
+        monkeypatch.setattr(torch.Tensor, name, counted)
     values = world.average(torch.tensor([0.5, 0.25, 0.75]))
     monkeypatch.undo()
     assert values == [0.5, 0.25, 0.75] and world.stop_agreed
