@@ -168,10 +168,15 @@ class PairSampler:
         state = {"gen": self.gen.get_state(), "perm": self.perm.cpu(), "pos": self.pos}
         return {**state, "partner": self.partner.cpu()} if self.frozen else state
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state, reseed=None):
+        """Restore `state`; with `reseed`, seed the generator with it instead of restoring its state
+        (a state saved on another device type cannot load on this one)."""
         if self.frozen != ("partner" in state):
             raise ValueError("the checkpoint's pair stream is " + ("frozen" if "partner" in state else "fresh"))
-        self.gen.set_state(state["gen"])
+        if reseed is None:
+            self.gen.set_state(state["gen"])
+        else:
+            self.gen.manual_seed(reseed)
         self.perm = state["perm"].to(self.device)
         self.pos = int(state["pos"])
         if self.frozen:

@@ -72,16 +72,17 @@ class World:
         return self.stop_agreed  # decided at the last average(), the same on every rank
 
     def average(self, values):
-        """The mean over ranks of a 1-D float tensor (one all-reduce, and the iteration's stop
-        flag rides along). All ranks receive the same bits, so decisions taken on the result
-        (the discriminator's gate) are the same everywhere."""
+        """The mean over ranks of a 1-D float tensor, as a list of floats: one all-reduce and one
+        host read, the iteration's stop flag riding along in both. All ranks receive the same bits,
+        so decisions taken on the result (the discriminator's gate) are the same everywhere."""
         if not self.distributed:
-            return values
+            return values.tolist()
         flag = torch.tensor([1.0 if self._stop else 0.0], device=values.device)
         buf = torch.cat([values.float(), flag])
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        self.stop_agreed = bool(buf[-1] > 0)
-        return buf[:-1] / self.size
+        *mean, stop = (buf / self.size).tolist()  # the flag's mean is > 0 iff some rank asked to stop
+        self.stop_agreed = stop > 0
+        return mean
 
     def all_true(self, flag):
         """True on every rank iff `flag` (a 0-d bool tensor) is true on every rank."""
@@ -114,6 +115,23 @@ class World:
         if msg[1] is not None:
             raise UserError(msg[1])
         return msg[0]
+
+    def main_first(self, fn):
+        """fn() on rank 0, then on the other ranks once rank 0 has finished (for work that writes
+        shared files, such as a first download, that the others then read). A UserError rank 0
+        raises is raised on every rank, so no rank is left waiting."""
+        if not self.distributed:
+            return fn()
+        msg = [None]
+        if self.is_main:
+            try:
+                result = fn()
+            except UserError as e:
+                msg = [str(e)]
+        dist.broadcast_object_list(msg, src=0)  # the others wait here for rank 0
+        if msg[0] is not None:
+            raise UserError(msg[0])
+        return result if self.is_main else fn()
 
     def barrier(self):
         if self.distributed:

@@ -16,8 +16,9 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tensorboardX.event_file_writer import EventsWriter
@@ -93,8 +94,8 @@ def get_args_parser():
                        help="torch.compile the networks")
     speed.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False,
                        help="bf16 autocast for the forward passes")
-    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                       help="channels-last memory format (default: on for CUDA)")
+    speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
+                       help="channels-last memory format (opt-in: no GPU measurement has shown a gain yet)")
     lm = p.add_argument_group("LINEMOD (BOP layout <data-root>/lm/<split>/)")
     lm.add_argument("--linemod-train-split", default=LINEMOD_TRAIN_SPLIT,
                     help="BOP split trained on (train_pbr: PBR renders; train: BOP'18 renders; test: real photos)")
@@ -132,7 +133,9 @@ class Trainer:
         self.world = world or World()
         self.encoder, self.decoder, self.discriminator = (
             Encoder(cfg).to(device), Decoder(cfg).to(device), Discriminator(cfg).to(device))
-        self.channels_last = args.channels_last if args.channels_last is not None else device.type == "cuda"
+        # Opt-in everywhere: group norm returns contiguous tensors, so each norm layer would pay two
+        # layout conversions, and the few-channel first layers gain nothing.
+        self.channels_last = bool(args.channels_last)
         if self.channels_last:
             for net in self.nets():
                 net.to(memory_format=torch.channels_last)
@@ -161,6 +164,7 @@ class Trainer:
         self.noise = torch.Generator(device=device)  # eps of the reparameterisation, z ~ N(0, I)
         self.noise.manual_seed(seed + 1)
         self.rank_streams = None  # every rank's sampler/noise states, gathered for rank 0's checkpoint
+        self.reseeded_from = None  # the device type of a checkpoint whose streams could not carry over
         self.n_pixels = cfg.channels * cfg.image_size * cfg.image_size
         self.skipped_updates = 0
 
@@ -193,22 +197,40 @@ class Trainer:
                 "discriminator": self.discriminator.state_dict(), "opt_ae": self.opt_ae.state_dict(),
                 "opt_gen": self.opt_gen.state_dict(), "opt_disc": self.opt_disc.state_dict(),
                 "sampler": self.sampler.state_dict(), "noise": self.noise.get_state(),
-                "world_size": self.world.size,
+                "stream_device": self.device.type, "world_size": self.world.size,
                 **({"rank_streams": self.rank_streams} if self.world.distributed else {})}
 
     def gather_streams(self):
         """Collective (every rank calls it): every rank's sampler and noise states, in rank order,
         so that rank 0's checkpoint resumes each rank's own stream."""
         self.rank_streams = self.world.all_gather_object(
-            {"sampler": self.sampler.state_dict(), "noise": self.noise.get_state()})
+            {"sampler": self.sampler.state_dict(), "noise": self.noise.get_state(), "device": self.device.type})
+
+    def load_streams(self, sampler, noise, device_type, step):
+        """Continue the pair and noise streams a checkpoint saved. A generator's state is specific
+        to its device type (5056 bytes on the CPU, 16 on CUDA, 44 on MPS) and cannot load on
+        another, so after a device-type change both streams are re-seeded from (seed, rank, step):
+        deterministic, though not the draws the old device would have made (those differ across
+        devices anyway). The sampler's epoch order and position carry over either way."""
+        if device_type is None:  # checkpoints from before the device type was recorded
+            same = noise.numel() == self.noise.get_state().numel()
+            device_type = self.device.type if same else "another device type"
+        if device_type == self.device.type:
+            self.sampler.load_state_dict(sampler)
+            self.noise.set_state(noise)
+            return
+        sampler_seed, noise_seed = (int(x) for x in np.random.SeedSequence(
+            [self.args.seed, self.world.rank, step]).generate_state(2))
+        self.sampler.load_state_dict(sampler, reseed=sampler_seed)
+        self.noise.manual_seed(noise_seed)
+        self.reseeded_from = device_type
 
     def load_rank_streams(self, ckpt):
         """After load_state_dict: this rank's own streams from a checkpoint of a run with as many ranks."""
         check_world_size(ckpt, self.world)
         if self.world.distributed:
             streams = ckpt["rank_streams"][self.world.rank]
-            self.sampler.load_state_dict(streams["sampler"])
-            self.noise.set_state(streams["noise"])
+            self.load_streams(streams["sampler"], streams["noise"], streams.get("device"), int(ckpt["step"]))
 
     def load_state_dict(self, ckpt):
         path = ckpt.get("path")
@@ -220,8 +242,7 @@ class Trainer:
         try:
             for name in ("opt_ae", "opt_gen", "opt_disc"):
                 getattr(self, name).load_state_dict(ckpt[name])
-            self.sampler.load_state_dict(ckpt["sampler"])
-            self.noise.set_state(ckpt["noise"])
+            self.load_streams(ckpt["sampler"], ckpt["noise"], ckpt.get("stream_device"), int(ckpt.get("step", 0)))
         except (ValueError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"'{path}' does not match this run's optimiser/sampler: {e}") from None
 
@@ -254,6 +275,21 @@ def reconstruction_step(t, x1, x2):
     return rec.detach(), kl.detach()
 
 
+@contextmanager
+def frozen(module):
+    """The module's weights as constants for the forward passes inside: their gradients are never
+    computed. backward(inputs=...) alone skips them in eager mode only; a torch.compile'd module's
+    backward is one fused function that computes every weight gradient it was compiled with."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 def generator_step(t, x1, x3):
     """Update encoder+decoder: the discriminator must take (x3, dec(z1, s3)) and
     (x3, dec(z ~ N(0, I), s3)) for real same-class pairs; plus KL(q(z|x1) || N(0, I))."""
@@ -263,7 +299,8 @@ def generator_step(t, x1, x3):
         mu1, logvar1, s3 = mu[:B].float(), logvar[:B].float(), s[B:]
         z1 = reparameterize(mu1, logvar1, t.randn(B))
         fake = t.dec(torch.cat([z1, t.randn(B)]), torch.cat([s3, s3]))  # dec(z1,s3) ; dec(z~N(0,I),s3)
-        logits = t.disc_local(torch.cat([x3, x3]), fake).float()
+        with frozen(t.discriminator):
+            logits = t.disc_local(torch.cat([x3, x3]), fake).float()
     real = torch.ones(B, dtype=torch.long, device=x1.device)
     gen = F.cross_entropy(logits[:B], real) + F.cross_entropy(logits[B:], real)
     kl = kl_divergence(mu1, logvar1, t.n_pixels)
@@ -302,7 +339,7 @@ def train_iteration(t):
         d_loss, d_acc = discriminator_loss(t, x1, t.batch(i2), t.batch(i3))
         # The iteration's one host read: the gate needs the accuracy; the other losses ride along.
         # Under torchrun they are averaged over ranks first, so every rank takes the same decision.
-        values = t.world.average(torch.stack([rec, kl, gen, d_loss.detach(), d_acc])).tolist()
+        values = t.world.average(torch.stack([rec, kl, gen, d_loss.detach(), d_acc]))
         stepped = values[-1] < a.disc_gate  # the 80% rule: a discriminator that wins is left alone
         if stepped:
             t.update(t.opt_disc, d_loss)
@@ -406,11 +443,6 @@ def merge_resume_args(args, ckpt):
 
 def save_checkpoint(t, run_dir, step, epoch, keep, periodic=True):
     """last.pt always; step_XXXXXXX.pt too for periodic checkpoints, keeping the `keep` newest."""
-    bad = [n for n, p in ((n, p) for net in t.nets() for n, p in net.named_parameters())
-           if not torch.isfinite(p).all()]
-    if bad:
-        raise DivergenceError(f"parameters became NaN/inf by step {step} ({bad[0]}); "
-                              f"the last good checkpoint is kept")
     ckpt = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "args": vars(t.args),
             "model_config": t.cfg.to_dict(), "rng": rng_state(), "versions": library_versions(),
             **t.state_dict()}
@@ -422,6 +454,28 @@ def save_checkpoint(t, run_dir, step, epoch, keep, periodic=True):
         for f in old[:-keep] if keep else []:
             os.remove(os.path.join(ckdir, f))
     return os.path.join(ckdir, "last.pt")
+
+
+def check_weights_finite(t, step):
+    """Collective (every rank calls it before a checkpoint): stop every rank, with the same message,
+    if the weights of any rank hold a NaN/inf; a checkpoint is never written from them."""
+    params = [p for net in t.nets() for p in net.parameters()]
+    if t.world.all_true(torch.stack([torch.isfinite(p).all() for p in params]).all()):
+        return
+    bad = [n for net in t.nets() for n, p in net.named_parameters() if not torch.isfinite(p).all()]
+    first = next(b for b in t.world.all_gather_object(bad[:1]) if b)[0]  # the lowest such rank's: the same everywhere
+    raise DivergenceError(f"parameters became NaN/inf by step {step} ({first}); the last good checkpoint is kept")
+
+
+def amp_warning(args, device):
+    """A warning line when --amp is slow: bf16 on a CUDA GPU without native bf16 (compute capability
+    below 8.0, before Ampere) is emulated, so autocast costs time instead of saving it."""
+    if args.amp and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return (f"warning: --amp uses bf16, which {torch.cuda.get_device_name(device)} (compute capability "
+                    f"{major}.{minor} < 8.0) only emulates: expect it to be slower than without --amp")
+    return None
 
 
 def fixed_grid_batch(args, n=8):
@@ -466,7 +520,11 @@ def run_training(args, ckpt, cfg, world, device):
     """The training run of main(), as one rank of `world`."""
     if ckpt is not None:
         check_world_size(ckpt, world)  # before anything is written
-    train_set = load_dataset(args.dataset, args.data_root, "train", **dataset_options(args))
+    # Rank 0 prepares the data (a first download, render or crop) while the other ranks wait, then
+    # they load what it wrote: concurrent downloads into one folder could leave half-written files.
+    train_set = world.main_first(lambda: load_dataset(args.dataset, args.data_root, "train",
+                                                      **dataset_options(args)))
+    n_train = len(train_set)
     if args.batch_size > len(train_set):
         raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images)")
     # An epoch is N images seen over all ranks: floor(N / global batch) iterations.
@@ -479,6 +537,7 @@ def run_training(args, ckpt, cfg, world, device):
     run_dir = args.run_dir = world.on_main(lambda: prepare_run_dir(args, resuming=ckpt is not None))
     seed_everything(args.seed)
     t = Trainer(cfg, args, train_set, device, world)
+    del train_set  # off the CPU, training reads the device copy: free the host one (~0.9 GB for Sprites)
     step = 0
     if ckpt is not None:
         t.load_state_dict(ckpt)
@@ -487,7 +546,7 @@ def run_training(args, ckpt, cfg, world, device):
         step = int(ckpt["step"])
     elif world.is_main:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump({"args": vars(args), "model_config": cfg.to_dict(), "dataset_size": len(train_set),
+            json.dump({"args": vars(args), "model_config": cfg.to_dict(), "dataset_size": n_train,
                        "steps_per_epoch": steps_per_epoch, "world_size": world.size,
                        "versions": library_versions()}, f, indent=2)
     # The other ranks only train: no log, metrics, samples or checkpoint files.
@@ -504,6 +563,12 @@ def run_training(args, ckpt, cfg, world, device):
     log(f"{'resuming' if ckpt else 'training'} {args.dataset} (z={cfg.style_dim}, s={cfg.class_dim}) on {device}: "
         f"step {step} -> {total}, {steps_per_epoch} iterations per epoch, run dir {run_dir}"
         + (f"; {world.size} processes x batch {args.batch_size}" if world.distributed else ""))
+    if t.reseeded_from:
+        log(f"the checkpoint's pair and noise streams were drawn on {t.reseeded_from}, whose generator states "
+            f"cannot load on {device.type}: both continue re-seeded from (seed, rank, step {step})")
+    warning = amp_warning(args, device)
+    if warning:
+        log(warning)
     metrics_log = MetricsLog(run_dir, step) if world.is_main else NullSink()
 
     # Ctrl-C / SIGTERM: finish the current iteration, save a checkpoint, exit cleanly.
@@ -513,7 +578,8 @@ def run_training(args, ckpt, cfg, world, device):
     world.share_stop(stop)  # under torchrun, a signal to any rank stops all ranks after the same iteration
 
     def checkpoint(periodic=True):
-        t.gather_streams()  # a collective: every rank is here at the same step
+        check_weights_finite(t, step)  # collectives: every rank is here at the same step
+        t.gather_streams()
         if not world.is_main:
             return None
         metrics_log.flush()  # rows up to `step` are on disk before the checkpoint that claims them

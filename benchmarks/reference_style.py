@@ -62,14 +62,16 @@ def discriminator_losses(enc, dec, disc, x1, x2, x3):
 
 
 def with_running_stat_norms(net):
-    """Swap each InstanceNorm for nn.InstanceNorm2d(track_running_stats=True), as the reference built them."""
+    """Swap each InstanceNorm for nn.InstanceNorm2d(track_running_stats=True), as the reference built them,
+    on the device of the network's weights."""
+    device = next(net.parameters()).device
     for seq in [m for m in net.modules() if isinstance(m, nn.Sequential)]:
         width = None
         for i, child in enumerate(seq):
             if isinstance(child, (nn.Conv2d, nn.ConvTranspose2d)):
                 width = child.out_channels
             elif isinstance(child, InstanceNorm):
-                seq[i] = nn.InstanceNorm2d(width, track_running_stats=True)
+                seq[i] = nn.InstanceNorm2d(width, track_running_stats=True, device=device)
     return net
 
 

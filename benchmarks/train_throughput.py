@@ -75,12 +75,16 @@ def training_set(name, data_root, n=4096):
 
 
 def synchronizer(device):
-    """Waits for the device's queued work (CUDA runs asynchronously; the CPU needs no wait)."""
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    """Waits for the device's queued work (CUDA and MPS run asynchronously; the CPU needs no wait)."""
+    if device.type == "cuda":
+        return torch.cuda.synchronize
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
 
 
 def time_windows(step, device, warmup, windows, seconds):
-    """Median iterations/s over `windows` windows of at least `seconds` each (synchronised on CUDA)."""
+    """Median iterations/s over `windows` windows of at least `seconds` each (synchronised on CUDA and MPS)."""
     sync = synchronizer(device)
     for _ in range(warmup):
         step()
