@@ -23,7 +23,6 @@ def get_args_parser():
 
 
 def main(args):
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     export_pretrained(args.checkpoint, args.out)
     print(f"wrote {args.out} ({os.path.getsize(args.out) / 1e6:.2f} MB)")
     return args.out
