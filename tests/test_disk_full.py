@@ -1,6 +1,5 @@
 """A full disk (or any failed write) ends a run with one line naming what, why, the last good
 checkpoint and the command that resumes it; exit status 74; no temporary file left; last.pt intact."""
-import errno
 import json
 import os
 import re
@@ -16,6 +15,7 @@ import train
 import tsne_plot
 import utils
 from conftest import ROOT, make_fake_mnist
+from ddp_disk_worker import fail_torch_save, refuse_writes
 from test_reliability import cli, finished_run  # noqa: F401  (a fixture)
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -25,58 +25,6 @@ import swap_grid  # noqa: E402
 
 ENOSPC = "No space left on device (ENOSPC)"
 RUN = ["--batch-size", "16", "--max-steps", "6", "--checkpoint-every", "2", "--sample-every", "3"]
-
-
-class FullDisk:
-    """A file that takes `budget` more bytes, writes part of the next write, then raises ENOSPC."""
-
-    def __init__(self, f, budget):
-        self.f, self.budget = f, budget
-
-    def write(self, data):
-        if len(data) > self.budget:
-            self.f.write(data[:self.budget])
-            self.f.flush()
-            self.budget = 0
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self.budget -= len(data)
-        return self.f.write(data)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.f.close()
-
-    def __getattr__(self, name):  # flush, fileno, close, name, tell, ...
-        return getattr(self.f, name)
-
-
-def refuse_writes(monkeypatch, module, match, budget=100):
-    """Files whose name contains `match`, opened for writing by `module`, fill the disk after `budget` bytes."""
-    real_open = open
-
-    def full_open(path, mode="r", *a, **kw):
-        f = real_open(path, mode, *a, **kw)
-        return FullDisk(f, budget) if match in str(path) and any(c in mode for c in "wa") else f
-
-    monkeypatch.setattr(module, "open", full_open, raising=False)
-
-
-def fail_torch_save(monkeypatch, match, nth=1):
-    """The nth torch.save into a file whose name contains `match` writes part of the file and then
-    meets a full disk, inside torch.save, as on a real full file system (torch reports it as a
-    RuntimeError "unexpected pos" whose context holds the OSError)."""
-    real_save, seen = torch.save, []
-
-    def save(obj, f, *a, **kw):
-        if match in getattr(f, "name", str(f)):
-            seen.append(1)
-            if len(seen) == nth:
-                return real_save(obj, FullDisk(f, 100_000), *a, **kw)
-        return real_save(obj, f, *a, **kw)
-
-    monkeypatch.setattr(utils.torch, "save", save)
 
 
 def temporaries(path):
@@ -233,6 +181,8 @@ def test_every_rank_ends_the_same_way_under_torchrun(tmp_path):
     last = out / "a" / "checkpoints" / "last.pt"
     assert f"last good checkpoint: {last} (step 4)" in ranks[0]["mid_run"]["err"]
     assert f"torchrun --nproc_per_node=2 train.py --resume {last}" in ranks[0]["mid_run"]["err"]
+    # promptly: every rank stops at the all-reduce of the iteration after the failure, not at the end (8)
+    assert [r["mid_run"]["iterations"] for r in ranks] == [5, 5]
     assert "no checkpoint was written yet" in ranks[0]["at_end"]["err"]
     assert temporaries(out) == []
-    assert torch.load(last, weights_only=True)["step"] == 6  # resumed from the named checkpoint by both ranks
+    assert torch.load(last, weights_only=True)["step"] == 8  # resumed from the named checkpoint by both ranks
