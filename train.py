@@ -493,8 +493,16 @@ def run_training(args, ckpt, cfg, world, device):
     ckpt_every = args.checkpoint_every or steps_per_epoch
     grid_x = fixed_grid_batch(args).to(device) if world.is_main else None
 
+    last_good = {"path": ckpt["path"], "step": int(ckpt["step"])} if ckpt is not None else {}
+
+    def prepare():
+        try:
+            return prepare_run_dir(args, resuming=ckpt is not None)
+        except WriteError as e:
+            raise write_failure(e, last_good, world) from None
+
     # Rank 0 makes the run directory (its run name, its time stamp) while the other ranks wait.
-    run_dir = args.run_dir = world.on_main(lambda: prepare_run_dir(args, resuming=ckpt is not None))
+    run_dir = args.run_dir = world.on_main(prepare)
     seed_everything(args.seed)
     t = Trainer(cfg, args, train_set, device, world)
     step = 0
@@ -507,7 +515,6 @@ def run_training(args, ckpt, cfg, world, device):
     # Rank 0's writes. The first that fails (disk full, quota, I/O error) ends the run with one line
     # naming the last good checkpoint: at once in one process; under torchrun rank 0 writes nothing
     # more and every rank stops at the next average() or at the end, so none waits for a rank that left.
-    last_good = {"path": ckpt["path"], "step": step} if ckpt is not None else {}
     failure = {}
     world.share_failure(failure)
 

@@ -4,8 +4,9 @@
 
 Rank 0's checkpoint writes fail (part of the file, then ENOSPC) in two runs: OUT/a, whose periodic
 checkpoint of step 4 fails mid-run and which both ranks then resume to step 8 from the checkpoint the
-error line names; and OUT/c, whose only checkpoint, at its last step, fails. Each rank saves
-OUT/rank{R}.json with the exit status and stderr of the two failed runs.
+error line names; OUT/c, whose only checkpoint, at its last step, fails; and OUT/file/run, which
+cannot be made because OUT/file is a file. Each rank saves
+OUT/rank{R}.json with the exit status and stderr of the three failed runs.
 
 FullDisk, refuse_writes and fail_torch_save, the ways to make a write fail, are test_disk_full.py's too.
 """
@@ -126,6 +127,11 @@ def main(out, data):
     path = re.search(r"--resume (\S+)$", result["mid_run"]["err"].strip()).group(1)
     assert train.main(train.get_args_parser().parse_args(["--resume", path, "--no-progress"])) == 0
     result["at_end"] = failed_run([*common, "--run-dir", os.path.join(out, "c"), "--max-steps", "2"], "last.pt")
+    # the run directory cannot be made (a file stands where its parent folder should be)
+    if rank == 0:
+        open(os.path.join(out, "file"), "w").close()
+    dist.barrier()
+    result["run_dir"] = failed_run([*common, "--run-dir", os.path.join(out, "file", "run")], "-")
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.destroy_process_group()

@@ -165,7 +165,8 @@ def test_a_cache_that_cannot_be_written_is_skipped(tmp_path, monkeypatch):
 
 def test_every_rank_ends_the_same_way_under_torchrun(tmp_path):
     """Two gloo ranks; rank 0's periodic checkpoint fails mid-run (the others learn at the next
-    all-reduce), then another run's last checkpoint fails (at the end-of-run barrier)."""
+    all-reduce), another run's last checkpoint fails (at the end-of-run barrier), and a third run's
+    directory cannot be made (while the others wait for rank 0 to make it)."""
     data, out = make_fake_mnist(tmp_path / "data"), tmp_path / "out"
     out.mkdir()
     env = dict(os.environ, DISENTANGLE_NO_DOWNLOAD="1", OMP_NUM_THREADS="1")
@@ -174,10 +175,11 @@ def test_every_rank_ends_the_same_way_under_torchrun(tmp_path):
                        capture_output=True, text=True, env=env, timeout=240)  # a rank left waiting would hang
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    for case in ("mid_run", "at_end"):
+    for case in ("mid_run", "at_end", "run_dir"):
         codes, errs = [r[case]["code"] for r in ranks], [r[case]["err"] for r in ranks]
         assert codes == [74, 74] and errs[0] == errs[1] and errs[0].count("\n") == 1, errs
-        assert "Traceback" not in errs[0] and ENOSPC in errs[0]
+        assert "Traceback" not in errs[0] and (ENOSPC if case != "run_dir" else "(ENOTDIR)") in errs[0]
+    assert f"could not write the run directory {out / 'file' / 'run'}" in ranks[0]["run_dir"]["err"]
     last = out / "a" / "checkpoints" / "last.pt"
     assert f"last good checkpoint: {last} (step 4)" in ranks[0]["mid_run"]["err"]
     assert f"torchrun --nproc_per_node=2 train.py --resume {last}" in ranks[0]["mid_run"]["err"]
