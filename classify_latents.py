@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from utils import (HelpFormatter, UserError, Z_SOURCES, accuracy, build_models, chance_level,
+from utils import (HelpFormatter, UserError, Z_SOURCES, accuracy, atomic_write, build_models, chance_level,
                    checkpoint_dataset, classifier_sets, dense_labels, encode_dataset, integer_factors,
                    linear_probe, load_checkpoint, load_eval_data, pick_device, run_cli, swap_accuracy,
                    train_classifier, train_image_classifier)
@@ -158,8 +158,7 @@ def main(args):
 
     print(markdown(res))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
+        with atomic_write(args.out, "the results", "w") as f:
             json.dump(res, f, indent=2, allow_nan=False)
             f.write("\n")
     return res

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from utils import UserError, atomic_save
+from utils import UserError, WriteError, atomic_save
 
 DATA_ROOT_ENV = "DISENTANGLE_DATA_ROOT"
 NO_DOWNLOAD_ENV = "DISENTANGLE_NO_DOWNLOAD"  # set to 1 to forbid any download (tests, offline clusters)
@@ -412,8 +412,6 @@ def load_linemod(root, split="train", train_split=LINEMOD_TRAIN_SPLIT, eval_spli
     """
     import warnings
 
-    from utils import atomic_save
-
     if not 0 <= min_visibility <= 1:
         raise DataError(f"the minimum visibility must lie in [0, 1], got {min_visibility}")
     bop_split = {"train": train_split, "test": eval_split}.get(split, split)
@@ -446,10 +444,9 @@ def load_linemod(root, split="train", train_split=LINEMOD_TRAIN_SPLIT, eval_spli
         c.update(format=LINEMOD_CACHE_FORMAT, fingerprint=fingerprint)
         if cache:
             try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                atomic_save(c, path)
-            except OSError as e:  # a read-only home only costs the next run the crop again
-                warnings.warn(f"could not write the LINEMOD cache {path}: {e}", stacklevel=2)
+                atomic_save(c, path, "the LINEMOD cache")
+            except WriteError as e:  # a read-only or full disk only costs the next run the crop again
+                warnings.warn(str(e), stacklevel=2)
     return ImageSet(c["images"], c["labels"], LINEMOD_NUM_OBJECTS, dict(c["factors"]))
 
 
@@ -765,14 +762,10 @@ def load_rendered_sprites(sheet_dir, split="train", seed=None, identities=None, 
         data = render_sprites(sheet_dir, seed, identities, background)
         data["key"] = key
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_save(data, path)
-        except OSError as e:  # a read-only or full disk: the set is still usable, only not kept
-            tmp = f"{path}.tmp.{os.getpid()}"
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            warnings.warn(f"could not write the sprites cache {path} ({e}); set ${CACHE_DIR_ENV} "
-                          f"to a writable folder to avoid rendering again", stacklevel=2)
+            atomic_save(data, path, "the sprites cache")
+        except WriteError as e:  # a read-only or full disk: the set is still usable, only not kept
+            warnings.warn(f"{e}; set ${CACHE_DIR_ENV} to a writable folder to avoid rendering again",
+                          stacklevel=2)
         print(f"rendered {len(data['images'])} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     n_poses = len(data["identity"]) // int(data["split_identities"].sum())
     first = [0] + torch.cumsum(data["split_identities"], 0).tolist()

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from utils import UserError, pick_device
+from utils import UserError, WriteError, pick_device
 
 
 def launched_by_torchrun():
@@ -40,6 +40,8 @@ class World:
         self.owns_group = owns_group  # destroy the process group on close() only if we made it
         self._stop = None             # the caller's stop-request dict, see share_stop()
         self.stop_agreed = False
+        self._failure = None          # the caller's write-failure dict, see share_failure()
+        self.failure_agreed = False
 
     @property
     def distributed(self):
@@ -66,6 +68,24 @@ class World:
         stop request to all ranks, so every rank stops after the same iteration."""
         self._stop = stop
 
+    def share_failure(self, failure):
+        """Watch `failure` (a dict holding rank 0's first WriteError under "error"): each average()
+        carries it to all ranks, so no rank is left waiting in a collective for a rank that stopped."""
+        self._failure = failure
+
+    def failed(self, final=False):
+        """The WriteError that ends the run, the same on every rank, or None. One process: its own
+        at once. Under torchrun: rank 0's, once an average() has carried its flag, or at final=True,
+        which every rank calls at the end of the run (it also waits for rank 0, like a barrier)."""
+        local = (self._failure or {}).get("error")
+        if not self.distributed:
+            return local
+        if not (final or self.failure_agreed):
+            return None
+        msg = [str(local) if local is not None else None]
+        dist.broadcast_object_list(msg, src=0)
+        return WriteError(msg[0]) if msg[0] is not None else None
+
     def should_stop(self):
         if not self.distributed:
             return bool(self._stop)
@@ -73,15 +93,17 @@ class World:
 
     def average(self, values):
         """The mean over ranks of a 1-D float tensor, as a list of floats: one all-reduce and one
-        host read, the iteration's stop flag riding along in both. All ranks receive the same bits,
-        so decisions taken on the result (the discriminator's gate) are the same everywhere."""
+        host read, the iteration's stop and write-failure flags riding along in both. All ranks
+        receive the same bits, so decisions taken on the result (the discriminator's gate) are the
+        same everywhere."""
         if not self.distributed:
             return values.tolist()
-        flag = torch.tensor([1.0 if self._stop else 0.0], device=values.device)
-        buf = torch.cat([values.float(), flag])
+        flags = torch.tensor([1.0 if self._stop else 0.0, 1.0 if (self._failure or {}).get("error") else 0.0],
+                             device=values.device)
+        buf = torch.cat([values.float(), flags])
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        *mean, stop = (buf / self.size).tolist()  # the flag's mean is > 0 iff some rank asked to stop
-        self.stop_agreed = stop > 0
+        *mean, stop, failed = (buf / self.size).tolist()  # a flag's mean is > 0 iff some rank raised it
+        self.stop_agreed, self.failure_agreed = stop > 0, failed > 0
         return mean
 
     def all_true(self, flag):
@@ -102,18 +124,20 @@ class World:
 
     def on_main(self, fn):
         """Run fn() on rank 0 only and hand its result to every rank; a UserError it raises is
-        raised on every rank, so no rank is left waiting for a rank that has stopped."""
+        raised on every rank (with its exit status), so no rank is left waiting for a rank that has stopped."""
         if not self.distributed:
             return fn()
-        msg = [None, None]
+        msg = [None, None, None]
         if self.is_main:
             try:
-                msg = [fn(), None]
+                msg = [fn(), None, None]
             except UserError as e:
-                msg = [None, str(e)]
+                msg = [None, str(e), getattr(e, "exit_code", 2)]
         dist.broadcast_object_list(msg, src=0)
         if msg[1] is not None:
-            raise UserError(msg[1])
+            err = UserError(msg[1])
+            err.exit_code = msg[2]
+            raise err
         return msg[0]
 
     def main_first(self, fn):

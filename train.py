@@ -30,9 +30,9 @@ from data_loader import (LINEMOD_EVAL_SPLIT, LINEMOD_MIN_VISIBILITY, LINEMOD_TRA
                          dataset_options, default_data_root, load_dataset)
 from distributed import World, rank_seed, setup_distributed
 from networks import CONFIGS, Decoder, Discriminator, Encoder, ModelConfig, get_config, kl_divergence, reparameterize
-from utils import (CHECKPOINT_FORMAT, CheckpointError, HelpFormatter, UserError, atomic_save, library_versions,
-                   load_checkpoint, load_state, rng_state, run_cli, save_grid_png,
-                   seed_everything, set_rng_state, swap_grid, to_float)
+from utils import (CHECKPOINT_FORMAT, CheckpointError, HelpFormatter, UserError, WriteError, atomic_save,
+                   atomic_write, library_versions, load_checkpoint, load_state, rng_state, run_cli, save_grid_png,
+                   seed_everything, set_rng_state, swap_grid, to_float, writing)
 
 METRICS = ["recon_loss", "kl", "gen_loss", "disc_loss", "disc_acc"]
 TB_TAGS = {"recon_loss": "losses/reconstruction", "kl": "losses/kl", "gen_loss": "losses/generator",
@@ -357,20 +357,29 @@ class MetricsLog:
 
     def __init__(self, run_dir, start_step):
         self.path = os.path.join(run_dir, "metrics.csv")
+        self.tb_path = os.path.join(run_dir, "tb")
         if start_step > 0 and os.path.exists(self.path):
             self._truncate(start_step)
         fresh = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        self.file = open(self.path, "a", newline="")
-        self.csv = csv.writer(self.file)
-        if fresh:
-            self.csv.writerow(self.FIELDS)
+        with self.writing_csv():
+            self.file = open(self.path, "a", newline="")
+            self.csv = csv.writer(self.file)
+            if fresh:
+                self.csv.writerow(self.FIELDS)
         # Events are written synchronously (tensorboardX's SummaryWriter queues them to a thread whose
         # flush does not drain the queue, so a kill -9 could lose events older than the checkpoint).
-        os.makedirs(os.path.join(run_dir, "tb"), exist_ok=True)
-        self.tb = EventsWriter(os.path.join(run_dir, "tb", "events"), f".{os.getpid()}")
-        if start_step:  # TensorBoard drops the events a killed run wrote after its last checkpoint
-            self.tb.write_event(Event(wall_time=time.time(), step=start_step + 1,
-                                      session_log=SessionLog(status=SessionLog.START)))
+        with self.writing_tb():
+            os.makedirs(self.tb_path, exist_ok=True)
+            self.tb = EventsWriter(os.path.join(self.tb_path, "events"), f".{os.getpid()}")
+            if start_step:  # TensorBoard drops the events a killed run wrote after its last checkpoint
+                self.tb.write_event(Event(wall_time=time.time(), step=start_step + 1,
+                                          session_log=SessionLog(status=SessionLog.START)))
+
+    def writing_csv(self):
+        return writing("the metrics", self.path)
+
+    def writing_tb(self):
+        return writing("the TensorBoard events", self.tb_path)
 
     def _truncate(self, start_step):
         """Keep the rows up to the checkpoint's step; drop later ones and any half-written line."""
@@ -378,20 +387,22 @@ class MetricsLog:
             rows = [r for r in csv.reader(f)]
         keep = [rows[0]] + [r for r in rows[1:] if len(r) == len(self.FIELDS) and r[0].isdigit()
                             and int(r[0]) <= start_step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.path, "the metrics", "w", newline="") as f:
             csv.writer(f).writerows(keep)
-        os.replace(tmp, self.path)
 
     def write(self, step, epoch, m):
-        self.csv.writerow([step, epoch] + [f"{m[k]:.6g}" for k in METRICS] + [m["disc_stepped"]])
-        self.tb.write_event(Event(wall_time=time.time(), step=step, summary=Summary(
-            value=[Summary.Value(tag=tag, simple_value=m[k]) for k, tag in TB_TAGS.items()])))
+        with self.writing_csv():
+            self.csv.writerow([step, epoch] + [f"{m[k]:.6g}" for k in METRICS] + [m["disc_stepped"]])
+        with self.writing_tb():
+            self.tb.write_event(Event(wall_time=time.time(), step=step, summary=Summary(
+                value=[Summary.Value(tag=tag, simple_value=m[k]) for k, tag in TB_TAGS.items()])))
 
     def flush(self):
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.tb.flush()
+        with self.writing_csv():
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        with self.writing_tb():
+            self.tb.flush()
 
     def close(self):
         self.flush()
@@ -420,7 +431,8 @@ def prepare_run_dir(args, resuming):
             if os.path.exists(os.path.join(run_dir, name)):
                 os.remove(os.path.join(run_dir, name))
     for sub in ("checkpoints", "samples"):
-        os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
+        with writing("the run directory", os.path.join(run_dir, sub)):
+            os.makedirs(os.path.join(run_dir, sub), exist_ok=True)
     return run_dir
 
 
@@ -441,18 +453,23 @@ def merge_resume_args(args, ckpt):
     return argparse.Namespace(**saved)
 
 
-def save_checkpoint(t, run_dir, step, epoch, keep, periodic=True):
-    """last.pt always; step_XXXXXXX.pt too for periodic checkpoints, keeping the `keep` newest."""
+def save_checkpoint(t, run_dir, step, epoch, keep, periodic=True, last_good=None):
+    """last.pt always; step_XXXXXXX.pt too for periodic checkpoints, keeping the `keep` newest.
+    `last_good` (a dict) is told as soon as last.pt holds this step, so that a failure to write
+    the periodic copy still names the newest good checkpoint."""
     ckpt = {"format": CHECKPOINT_FORMAT, "step": step, "epoch": epoch, "args": vars(t.args),
             "model_config": t.cfg.to_dict(), "rng": rng_state(), "versions": library_versions(),
             **t.state_dict()}
     ckdir = os.path.join(run_dir, "checkpoints")
     atomic_save(ckpt, os.path.join(ckdir, "last.pt"))
+    if last_good is not None:
+        last_good.update(path=os.path.join(ckdir, "last.pt"), step=step)
     if periodic:
         atomic_save(ckpt, os.path.join(ckdir, f"step_{step:07d}.pt"))
         old = sorted(f for f in os.listdir(ckdir) if f.startswith("step_") and f.endswith(".pt"))
         for f in old[:-keep] if keep else []:
-            os.remove(os.path.join(ckdir, f))
+            with writing("the checkpoints folder", ckdir):
+                os.remove(os.path.join(ckdir, f))
     return os.path.join(ckdir, "last.pt")
 
 
@@ -476,6 +493,16 @@ def amp_warning(args, device):
             return (f"warning: --amp uses bf16, which {torch.cuda.get_device_name(device)} (compute capability "
                     f"{major}.{minor} < 8.0) only emulates: expect it to be slower than without --amp")
     return None
+
+
+def write_failure(e, last_good, world):
+    """The one line a failed write ends the run with: what and why (from `e`), the last good
+    checkpoint and the command that continues from it."""
+    if not last_good:
+        return WriteError(f"{e}; no checkpoint was written yet: once there is space, start the run again")
+    launcher = f"torchrun --nproc_per_node={world.size} train.py" if world.distributed else "python train.py"
+    return WriteError(f"{e}; last good checkpoint: {last_good['path']} (step {last_good['step']}); once there "
+                      f"is space, continue with: {launcher} --resume {last_good['path']}")
 
 
 def fixed_grid_batch(args, n=8):
@@ -533,8 +560,16 @@ def run_training(args, ckpt, cfg, world, device):
     ckpt_every = args.checkpoint_every or steps_per_epoch
     grid_x = fixed_grid_batch(args).to(device) if world.is_main else None
 
+    last_good = {"path": ckpt["path"], "step": int(ckpt["step"])} if ckpt is not None else {}
+
+    def prepare():
+        try:
+            return prepare_run_dir(args, resuming=ckpt is not None)
+        except WriteError as e:
+            raise write_failure(e, last_good, world) from None
+
     # Rank 0 makes the run directory (its run name, its time stamp) while the other ranks wait.
-    run_dir = args.run_dir = world.on_main(lambda: prepare_run_dir(args, resuming=ckpt is not None))
+    run_dir = args.run_dir = world.on_main(prepare)
     seed_everything(args.seed)
     t = Trainer(cfg, args, train_set, device, world)
     del train_set  # off the CPU, training reads the device copy: free the host one (~0.9 GB for Sprites)
@@ -544,21 +579,54 @@ def run_training(args, ckpt, cfg, world, device):
         t.load_rank_streams(ckpt)
         set_rng_state(ckpt["rng"])
         step = int(ckpt["step"])
-    elif world.is_main:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
+
+    # Rank 0's writes. The first that fails (disk full, quota, I/O error) ends the run with one line
+    # naming the last good checkpoint: at once in one process; under torchrun rank 0 writes nothing
+    # more and every rank stops at the next average() or at the end, so none waits for a rank that left.
+    failure = {}
+    world.share_failure(failure)
+
+    def write(fn, *a):
+        if not world.is_main or failure:
+            return None
+        try:
+            return fn(*a)
+        except WriteError as e:
+            failure["error"] = write_failure(e, last_good, world)
+            if not world.distributed:
+                raise failure["error"] from None
+            return None
+
+    def end_if_failed(final=False):
+        err = world.failed(final)
+        if err is not None:
+            raise err
+
+    def write_config():
+        with atomic_write(os.path.join(run_dir, "config.json"), "the config", "w") as f:
             json.dump({"args": vars(args), "model_config": cfg.to_dict(), "dataset_size": n_train,
                        "steps_per_epoch": steps_per_epoch, "world_size": world.size,
                        "versions": library_versions()}, f, indent=2)
-    # The other ranks only train: no log, metrics, samples or checkpoint files.
-    log_file = open(os.path.join(run_dir, "log.txt"), "a") if world.is_main else NullSink()
 
-    def log(msg, console=True):
-        if not world.is_main:
-            return
+    def open_log():
+        with writing("the log", log_path):
+            return open(log_path, "a")
+
+    if ckpt is None:
+        write(write_config)
+    # The other ranks only train: no log, metrics, samples or checkpoint files.
+    log_path = os.path.join(run_dir, "log.txt")
+    log_file = write(open_log) or NullSink()
+
+    def log_line(msg, console):
         if console:
             tqdm.write(msg)
-        log_file.write(msg + "\n")
-        log_file.flush()
+        with writing("the log", log_path):
+            log_file.write(msg + "\n")
+            log_file.flush()
+
+    def log(msg, console=True):
+        write(log_line, msg, console)
 
     log(f"{'resuming' if ckpt else 'training'} {args.dataset} (z={cfg.style_dim}, s={cfg.class_dim}) on {device}: "
         f"step {step} -> {total}, {steps_per_epoch} iterations per epoch, run dir {run_dir}"
@@ -569,7 +637,7 @@ def run_training(args, ckpt, cfg, world, device):
     warning = amp_warning(args, device)
     if warning:
         log(warning)
-    metrics_log = MetricsLog(run_dir, step) if world.is_main else NullSink()
+    metrics_log = write(MetricsLog, run_dir, step) or NullSink()
 
     # Ctrl-C / SIGTERM: finish the current iteration, save a checkpoint, exit cleanly.
     stop = {}
@@ -577,17 +645,16 @@ def run_training(args, ckpt, cfg, world, device):
                 for s in (signal.SIGINT, signal.SIGTERM)}
     world.share_stop(stop)  # under torchrun, a signal to any rank stops all ranks after the same iteration
 
+    def save(periodic):
+        metrics_log.flush()  # rows up to `step` are on disk before the checkpoint that claims them
+        return save_checkpoint(t, run_dir, step, step // steps_per_epoch, args.keep_checkpoints, periodic, last_good)
+
     def checkpoint(periodic=True):
         check_weights_finite(t, step)  # collectives: every rank is here at the same step
         t.gather_streams()
-        if not world.is_main:
-            return None
-        metrics_log.flush()  # rows up to `step` are on disk before the checkpoint that claims them
-        return save_checkpoint(t, run_dir, step, step // steps_per_epoch, args.keep_checkpoints, periodic)
+        return write(save, periodic)
 
     def sample():
-        if not world.is_main:
-            return
         save_grid_png(swap_grid(t.encoder, t.decoder, grid_x, grid_x),
                       os.path.join(run_dir, "samples", f"swap_{step:07d}.png"))
 
@@ -596,15 +663,16 @@ def run_training(args, ckpt, cfg, world, device):
     status, tick, tick_step = 0, time.perf_counter(), step
     try:
         if step == 0:
-            sample()
+            write(sample)
         while step < total:
             m = train_iteration(t)
+            end_if_failed()  # under torchrun: rank 0 failed to write before this iteration's average()
             step += 1
             bad = [k for k in METRICS if m[k] != m[k] or abs(m[k]) == float("inf")]
             if bad and args.on_nan == "stop":
                 raise DivergenceError(f"{bad[0]} is {m[bad[0]]} at step {step}; stopped, the last good "
                                       f"checkpoint in {run_dir}/checkpoints is kept (--on-nan skip skips such updates)")
-            metrics_log.write(step, step // steps_per_epoch, m)
+            write(metrics_log.write, step, step // steps_per_epoch, m)
             bar.update(1)
             if step % args.log_every == 0:
                 bar.set_postfix(rec=f"{m['recon_loss']:.4f}", gen=f"{m['gen_loss']:.3f}",
@@ -614,7 +682,7 @@ def run_training(args, ckpt, cfg, world, device):
                     + " ".join(f"{k} {m[k]:.4g}" for k in METRICS), console=not args.progress)
                 tick, tick_step = now, step  # a resumed run's first interval is shorter than --log-every
             if step % args.sample_every == 0 or step == total:
-                sample()
+                write(sample)
             if step % ckpt_every == 0 or step == total:
                 checkpoint()
             if world.should_stop():
@@ -627,14 +695,23 @@ def run_training(args, ckpt, cfg, world, device):
         else:
             log(f"done: {step} iterations; checkpoint {os.path.join(run_dir, 'checkpoints', 'last.pt')}"
                 + (f"; {t.skipped_updates} non-finite updates skipped" if t.skipped_updates else ""))
-        world.barrier()  # no rank returns before rank 0's last checkpoint is on disk
+        end_if_failed(final=True)  # also a barrier: no rank returns before rank 0's last checkpoint is on disk
     except DivergenceError as e:
         log(f"error: {e}")
         raise
+    except WriteError as e:
+        try:  # the reason in the log too, where the disk still takes a line
+            log_line(f"error: {e}", console=False)
+        except WriteError:
+            pass
+        raise
     finally:
         bar.close()
-        metrics_log.close()
-        log_file.close()
+        for f in (metrics_log, log_file):
+            try:
+                f.close()
+            except (OSError, WriteError):
+                pass  # all was flushed with the last checkpoint; a failure to write already ends the run
         for s, h in handlers.items():
             signal.signal(s, h)
     return status

@@ -11,8 +11,8 @@ import os
 import numpy as np
 import torch
 
-from utils import (HelpFormatter, UserError, Z_SOURCES, build_models, encode_dataset, integer_factors,
-                   load_checkpoint, load_eval_data, pick_device, run_cli)
+from utils import (HelpFormatter, UserError, Z_SOURCES, atomic_write, build_models, encode_dataset,
+                   integer_factors, load_checkpoint, load_eval_data, pick_device, run_cli)
 
 LEGEND_MAX = 20  # more classes than this get a colour bar instead of a legend
 
@@ -67,8 +67,8 @@ def plot(xy, labels, title, legend_title, path, dpi):
     ax.set_xticks([])
     ax.set_yticks([])
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    with atomic_write(path, "the t-SNE plot") as f:
+        fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi)
     plt.close(fig)
 
 

@@ -1,11 +1,13 @@
 """Shared helpers: errors, devices, seeding, checkpoints, swap grids."""
 import argparse
+import errno
 import os
 import platform
 import random
 import subprocess
 import sys
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -21,6 +23,12 @@ class UserError(Exception):
 
 class CheckpointError(UserError):
     pass
+
+
+class WriteError(UserError):
+    """A file could not be written (disk full, quota, I/O error, a folder that became unwritable):
+    one line on stderr and exit status 74 (EX_IOERR of sysexits.h), no traceback."""
+    exit_code = 74
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -139,20 +147,69 @@ def check_versions(saved, path, resuming=False):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file, fsync, then rename: a crash at any moment leaves
-    either the previous file or the new one, never a partial one."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+def os_error_of(e):
+    """The OSError behind exception e, or None. torch.save reports a failed write as a
+    RuntimeError ("unexpected pos ...") whose context holds the OSError, so the chain is searched."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+@contextmanager
+def writing(what, path):
+    """Turn a failure to write `path` (an OSError, also one hidden by torch.save) into a WriteError
+    that says what could not be written and why: one clear line instead of a traceback."""
     try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        yield
+    except WriteError:
+        raise
+    except Exception as e:
+        err = os_error_of(e)
+        if err is None:
+            raise
+        why = err.strerror or str(err)
+        if errno.errorcode.get(err.errno):
+            why += f" ({errno.errorcode[err.errno]})"
+        raise WriteError(f"could not write {what} {path}: {why}") from None
+
+
+@contextmanager
+def atomic_write(path, what="the file", mode="wb", **open_kwargs):
+    """Every output file of the project is written through this: the block writes into a temporary
+    file beside `path`, which is then fsynced and renamed over `path`. A crash at any moment leaves
+    either the previous file or the new one, never a partial one; a failure (disk full, an
+    exception inside torch.save, ...) also removes the temporary file, so the space is back, and
+    an OSError becomes a WriteError naming `what` and `path`. The folder is made if missing."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with writing(what, path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(tmp, mode, **open_kwargs) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass  # never made, or already renamed
+        raise
+
+
+def atomic_save(obj, path, what="the checkpoint"):
+    """torch.save through atomic_write."""
+    with atomic_write(path, what) as f:
+        torch.save(obj, f)
 
 
 def load_checkpoint(path, map_location="cpu", resuming=False):
@@ -247,7 +304,8 @@ def swap_grid(encoder, decoder, x_style, x_class):
 def save_grid_png(grid, path):
     """Write a (rows, cols, C, H, W) image grid as one PNG."""
     from torchvision.utils import save_image
-    save_image(grid.flatten(0, 1).float().cpu(), path, nrow=grid.shape[1], padding=2, pad_value=0.5)
+    with atomic_write(path, "the swap grid") as f:
+        save_image(grid.flatten(0, 1).float().cpu(), f, format="png", nrow=grid.shape[1], padding=2, pad_value=0.5)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -278,7 +336,7 @@ def export_pretrained(ckpt_path, out_path, allow_dirty=False):
              "args": {k: args[k] for k in PRETRAINED_ARGS if k in args},
              "encoder": ckpt["encoder"], "decoder": ckpt["decoder"],
              "step": ckpt.get("step"), "versions": ckpt.get("versions")}
-    atomic_save(small, out_path)
+    atomic_save(small, out_path, "the pretrained file")
     return small
 
 

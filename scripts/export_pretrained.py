@@ -28,7 +28,6 @@ def get_args_parser():
 
 
 def main(args):
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     small = export_pretrained(args.checkpoint, args.out, args.allow_dirty)
     code = str((small["versions"] or {}).get("code", ""))
     dirty = f"; trained from uncommitted changes, recorded as code {code}" if code.endswith("-dirty") else ""

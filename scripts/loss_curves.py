@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import numpy as np  # noqa: E402
 
-from utils import HelpFormatter, UserError, run_cli  # noqa: E402
+from utils import HelpFormatter, UserError, atomic_write, run_cli  # noqa: E402
 
 PANELS = [("recon_loss", "reconstruction loss"), ("kl", "KL divergence"), ("gen_loss", "generator loss"),
           ("disc_loss", "discriminator loss"), ("disc_acc", "discriminator accuracy")]
@@ -96,8 +96,8 @@ def main(args):
     axes[-1].set_ylim(-0.02, 1.02)
     axes[-1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out, dpi=args.dpi)
+    with atomic_write(out, "the loss curves") as f:
+        fig.savefig(f, format=os.path.splitext(out)[1][1:].lower() or "png", dpi=args.dpi)
     plt.close(fig)
     print(f"wrote {out} ({n} iterations, moving average over {window})")
     return out

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils import (HelpFormatter, UserError, build_models, load_checkpoint, load_eval_data,  # noqa: E402
-                   pick_device, run_cli, swap_grid, to_float)
+from utils import (HelpFormatter, UserError, atomic_write, build_models, load_checkpoint,  # noqa: E402
+                   load_eval_data, pick_device, run_cli, swap_grid, to_float)
 
 
 def get_args_parser():
@@ -106,10 +106,10 @@ def render(grid, n_rows, prior_rows, out, dpi, cell_inches):
     for r in range(1 + n_rows, n_r):  # the left cell of a prior row names its z
         ax.text(grid.shape[4] / 2, r * h + h / 2, "z ~\nN(0, I)", ha="center", va="center",
                 fontsize=max(4.0, 9 * cell_inches / 0.45), color="0.2")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     paths = [f"{out}.png", f"{out}.pdf"]
     for path in paths:
-        fig.savefig(path, dpi=dpi)
+        with atomic_write(path, "the swap grid") as f:
+            fig.savefig(f, format=path[-3:], dpi=dpi)
     plt.close(fig)
     return paths
 
