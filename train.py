@@ -397,8 +397,7 @@ def prepare_run_dir(args, resuming):
 def merge_resume_args(args, ckpt):
     """A resumed run keeps the checkpoint's hyper-parameters; only RESUMABLE ones may change."""
     defaults = vars(get_args_parser().parse_args([]))
-    # A checkpoint older than a flag was trained with that flag's default (the reference's setting).
-    saved = {**defaults, **ckpt["args"]}
+    saved = {**defaults, **ckpt["args"]}  # options newer than the checkpoint: their defaults
     for k, v in vars(args).items():
         if v == defaults.get(k) and k != "resume":
             continue  # not given on this command line: keep the checkpoint's value
