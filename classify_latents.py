@@ -90,6 +90,10 @@ def pct(v):
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def mse(v):
+    return "n/a (no class has two test images)" if v is None else f"{v:.5f}"
+
+
 def markdown(res):
     """The results as Markdown tables (accuracy in %)."""
     cols = ["z_train", "z_test", "s_train", "s_test"]
@@ -120,8 +124,8 @@ def markdown(res):
         lines.append("")
     er, po = res["errors"], res["posterior"]
     lines += [f"| error against x_i, z = mean of q(z\\|x), {er['pairs']} pairs | MSE per pixel |", "|---|---:|",
-              f"| reconstruction: dec(z_i, s_i) | {er['reconstruction']:.5f} |",
-              f"| same-class swap: dec(z_i, s_j), i != j of the same class | {er['same_class_swap']:.5f} |", "",
+              f"| reconstruction: dec(z_i, s_i) | {mse(er['reconstruction'])} |",
+              f"| same-class swap: dec(z_i, s_j), i != j of the same class | {mse(er['same_class_swap'])} |", "",
               "| q(z\\|x) on the test images | |", "|---|---:|",
               f"| mean sigma | {po['sigma_mean']:.4f} |", f"| mean \\|mu\\| | {po['abs_mu_mean']:.4f} |",
               f"| KL(q(z\\|x) ‖ N(0, I)) per dimension, nats | {po['kl_per_dim']:.4f} |", ""]

@@ -316,7 +316,7 @@ def posterior_stats(mu, logvar):
 
 def same_class_pairs(labels, num_pairs, generator):
     """num_pairs index pairs (i, j), i != j of the same class: i uniform over the images whose
-    class has two or more, j uniform over the other images of that class."""
+    class has two or more, j uniform over the other images of that class. None if no class has two."""
     n = len(labels)
     order = torch.argsort(labels, stable=True)  # indices grouped by class
     counts = torch.bincount(labels)
@@ -325,7 +325,7 @@ def same_class_pairs(labels, num_pairs, generator):
     rank[order] = torch.arange(n) - starts[labels[order]]  # each image's place within its class
     eligible = torch.nonzero(counts[labels] >= 2).flatten()
     if len(eligible) == 0:
-        raise UserError("no class has two images: the same-class swap error needs pairs")
+        return None
     i = eligible[torch.randint(0, len(eligible), (num_pairs,), generator=generator)]
     c = labels[i]
     off = torch.randint(0, 2 ** 62, (num_pairs,), generator=generator) % (counts[c] - 1) + 1  # 1 .. n_c - 1
@@ -336,9 +336,13 @@ def same_class_pairs(labels, num_pairs, generator):
 def swap_errors(decoder, images_u8, labels, mu, s, num_pairs, seed, batch_size=1000):
     """Per-pixel mean squared error against x_i of dec(z_i, s_i) ("reconstruction") and of
     dec(z_i, s_j) for random same-class pairs i != j ("same_class_swap"), z = the mean mu of
-    q(z|x). A z that carries no style cannot put x_i's style back, so its swap error is high."""
+    q(z|x). A z that carries no style cannot put x_i's style back, so its swap error is high.
+    Both None (0 pairs) where no class has two images."""
     device = next(decoder.parameters()).device
-    i, j = same_class_pairs(labels, num_pairs, torch.Generator().manual_seed(seed))
+    pairs = same_class_pairs(labels, num_pairs, torch.Generator().manual_seed(seed))
+    if pairs is None:
+        return {"reconstruction": None, "same_class_swap": None, "pairs": 0}
+    i, j = pairs
     total = {"reconstruction": 0.0, "same_class_swap": 0.0}
     for k in range(0, num_pairs, batch_size):
         bi, bj = i[k:k + batch_size], j[k:k + batch_size]

@@ -219,6 +219,9 @@ def test_same_class_swap_error_is_high_for_a_decoder_that_ignores_z():
     by_hand = (utils.to_float(images[j]) - utils.to_float(images[i])).pow(2).mean((1, 2, 3)).mean().item()
     assert empty["reconstruction"] < 1e-12
     assert empty["same_class_swap"] == pytest.approx(by_hand) and empty["same_class_swap"] > 0.05
+    # no class with two images (a tiny test set): no pairs, reported as such
+    alone = utils.swap_errors(Renderer(True), images[:5], labels[:5], z[:5], torch.cat([brightness, z], 1)[:5], 9, 1)
+    assert alone == {"reconstruction": None, "same_class_swap": None, "pairs": 0}
 
 
 def test_posterior_stats_by_hand():
