@@ -1,5 +1,6 @@
 """Latent classification: the class should be readable from the class code s and not from
-the style code z (Mathieu et al. 2016, Table 1), plus the swap accuracy of decoded images.
+the style code z (Mathieu et al. 2016, Table 1), plus the swap accuracy of decoded images,
+the reconstruction and same-class swap errors, and how q(z|x) sits against the prior N(0, I).
 
     python classify_latents.py --checkpoint runs/mnist/checkpoints/last.pt --out results/classify.json
 
@@ -17,8 +18,8 @@ import torch
 
 from utils import (HelpFormatter, UserError, Z_SOURCES, accuracy, atomic_write, build_models, chance_level,
                    checkpoint_dataset, classifier_sets, dense_labels, encode_dataset, integer_factors,
-                   linear_probe, load_checkpoint, load_eval_data, pick_device, run_cli, swap_accuracy,
-                   train_classifier, train_image_classifier)
+                   linear_probe, load_checkpoint, load_eval_data, pick_device, posterior_codes, posterior_stats,
+                   run_cli, swap_accuracy, swap_errors, train_classifier, train_image_classifier)
 
 
 def get_args_parser():
@@ -45,7 +46,8 @@ def get_args_parser():
                    help="also measure the swap accuracy with an image classifier")
     p.add_argument("--swap-train-steps", type=int, default=500,
                    help="training steps (batch 128) of the image classifier that judges swapped images")
-    p.add_argument("--swap-pairs", type=int, default=10000, help="random (z-source, s-source) pairs judged")
+    p.add_argument("--swap-pairs", type=int, default=10000,
+                   help="random (z-source, s-source) pairs judged, and same-class pairs of the swap error")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads of torch: these small models gain little from more, and on a busy "
                         "machine idle threads spin against the other processes (several times slower)")
@@ -88,6 +90,10 @@ def pct(v):
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def mse(v):
+    return "n/a (no class has two test images)" if v is None else f"{v:.5f}"
+
+
 def markdown(res):
     """The results as Markdown tables (accuracy in %)."""
     cols = ["z_train", "z_test", "s_train", "s_test"]
@@ -112,6 +118,17 @@ def markdown(res):
                   f"| dec(z ~ N(0, I), s_j) labelled class(j) | {sw['prior']:.2f} |",
                   f"| dec(z_i, s_j) labelled class(i), pairs of different classes | {pct(sw['style_leak'])} |",
                   f"| chance (most frequent class) | {res['targets']['class']['chance']:.2f} |", ""]
+        lines += ["| class (of s_j) | pairs | dec(z ~ N(0, I), s_j) labelled class(j), % | "
+                  "dec(z_i, s_j) labelled class(j), % |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['class']} | {r['pairs']} | {pct(r['prior'])} | {pct(r['swap'])} |" for r in sw["by_class"]]
+        lines.append("")
+    er, po = res["errors"], res["posterior"]
+    lines += [f"| error against x_i, z = mean of q(z\\|x), {er['pairs']} pairs | MSE per pixel |", "|---|---:|",
+              f"| reconstruction: dec(z_i, s_i) | {mse(er['reconstruction'])} |",
+              f"| same-class swap: dec(z_i, s_j), i != j of the same class | {mse(er['same_class_swap'])} |", "",
+              "| q(z\\|x) on the test images | |", "|---|---:|",
+              f"| mean sigma | {po['sigma_mean']:.4f} |", f"| mean \\|mu\\| | {po['abs_mu_mean']:.4f} |",
+              f"| KL(q(z\\|x) ‖ N(0, I)) per dimension, nats | {po['kl_per_dim']:.4f} |", ""]
     return "\n".join(lines)
 
 
@@ -144,17 +161,28 @@ def main(args):
            "classifier": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
            "targets": {name: classify_target(name, fy, ty, codes, args) for name, (fy, ty) in targets.items()}}
 
+    # q(z|x) against the prior, and the errors of decoding from z = mu, on the test images
+    mu, logvar, s = posterior_codes(encoder, test_set.images)
+    res["posterior"] = {k: round(v, 6) if isinstance(v, float) else [round(x, 6) for x in v]
+                        for k, v in posterior_stats(mu, logvar).items()}
+    res["errors"] = {k: round(v, 8) if isinstance(v, float) else v for k, v in
+                     swap_errors(decoder, test_set.images, test_set.labels, mu, s, args.swap_pairs, args.seed).items()}
+
     if args.swap:
         # the judge: a plain CNN trained on the real images the latent classifiers are fitted on
         fit_y, test_y, k = dense_labels(fit_set.labels, test_set.labels)
         judge = train_image_classifier(fit_set.images, fit_y, k, cfg, args.seed, args.swap_train_steps,
                                        device=device)
         sw = swap_accuracy(encoder, decoder, judge, test_set.images, test_y, args.swap_pairs, args.seed)
+        classes = torch.unique(torch.cat([fit_set.labels, test_set.labels]))  # dense label -> class
         res["swap"] = {"judge_test": pc(accuracy(judge, test_set.images, test_y)),
                        "swap": pc(sw["swap"]), "prior": pc(sw["prior"]),
                        "style_leak": None if sw["style_leak"] != sw["style_leak"] else pc(sw["style_leak"]),
                        "pairs": sw["pairs"],
-                       "judge_train_steps": args.swap_train_steps}
+                       "judge_train_steps": args.swap_train_steps,
+                       "by_class": [{"class": classes[r["class"]].item(), "pairs": r["pairs"],
+                                     **{k: None if r[k] is None else pc(r[k]) for k in ("prior", "swap")}}
+                                    for r in sw["by_class"]]}
 
     print(markdown(res))
     if args.out:

@@ -73,6 +73,13 @@ def get_args_parser():
     sched.add_argument("--pairs", default="fresh", choices=["fresh", "frozen"],
                        help="fresh: a new order and new partners every epoch; frozen: the reference's stream "
                             "(one order and one partner per image drawn at the start, replayed every epoch)")
+    sched.add_argument("--disc-fakes", default="posterior", choices=["posterior", "posterior+prior"],
+                       help="fake pairs of the discriminator update: posterior = (x3, dec(mu1, s3)) only, the "
+                            "reference's; posterior+prior = also (x3, dec(z ~ N(0, I), s3)), one more cross-entropy "
+                            "term, and the --disc-gate accuracy is then over all its 3B pairs (B real, 2B fake)")
+    sched.add_argument("--kl-weight", type=float, default=1.0,
+                       help="multiplies the KL term of the reconstruction and generator updates; the reference's KL "
+                            "(weight 1) is summed over the code and divided by batch x pixels, the MSE's per-pixel scale")
     sched.add_argument("--seed", type=int, default=0)
     run = p.add_argument_group("run and checkpoints")
     run.add_argument("--run-dir", default=None,
@@ -119,6 +126,8 @@ def check_args(args):
         raise UserError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if not 0.0 <= args.disc_gate <= 1.0:
         raise UserError(f"--disc-gate must lie in [0, 1], got {args.disc_gate}")
+    if args.kl_weight < 0:
+        raise UserError(f"--kl-weight must be >= 0, got {args.kl_weight}")
     if args.lr <= 0 or not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         raise UserError("--lr must be positive and --beta1/--beta2 in [0, 1)")
 
@@ -262,7 +271,7 @@ def check_world_size(ckpt, world):
 
 def reconstruction_step(t, x1, x2):
     """Update encoder+decoder: minimise ||dec(z1, s1) - x1||^2 + ||dec(z1, s2) - x1||^2
-    + KL(q(z|x1) || N(0, I)), z1 ~ q(z|x1) reparameterised, x2 a same-class partner of x1."""
+    + --kl-weight x KL(q(z|x1) || N(0, I)), z1 ~ q(z|x1) reparameterised, x2 a same-class partner of x1."""
     B = len(x1)
     with t.autocast():
         mu, logvar, s = t.enc(torch.cat([x1, x2]))  # one encoder pass for both images (per-sample norm)
@@ -271,7 +280,7 @@ def reconstruction_step(t, x1, x2):
         recon = t.dec(torch.cat([z1, z1]), torch.cat([s[:B], s[B:]])).float()  # dec(z1,s1) ; dec(z1,s2)
     rec = F.mse_loss(recon[:B], x1) + F.mse_loss(recon[B:], x1)
     kl = kl_divergence(mu1, logvar1, t.n_pixels)
-    t.update(t.opt_ae, rec + kl)
+    t.update(t.opt_ae, rec + t.args.kl_weight * kl)
     return rec.detach(), kl.detach()
 
 
@@ -292,7 +301,7 @@ def frozen(module):
 
 def generator_step(t, x1, x3):
     """Update encoder+decoder: the discriminator must take (x3, dec(z1, s3)) and
-    (x3, dec(z ~ N(0, I), s3)) for real same-class pairs; plus KL(q(z|x1) || N(0, I))."""
+    (x3, dec(z ~ N(0, I), s3)) for real same-class pairs; plus --kl-weight x KL(q(z|x1) || N(0, I))."""
     B = len(x1)
     with t.autocast():
         mu, logvar, s = t.enc(torch.cat([x1, x3]))
@@ -305,22 +314,29 @@ def generator_step(t, x1, x3):
     gen = F.cross_entropy(logits[:B], real) + F.cross_entropy(logits[B:], real)
     kl = kl_divergence(mu1, logvar1, t.n_pixels)
     # Gradients only for encoder/decoder: the discriminator's weights are not this update's.
-    t.update(t.opt_gen, gen + kl, inputs=t.ae_params)
+    t.update(t.opt_gen, gen + t.args.kl_weight * kl, inputs=t.ae_params)
     return gen.detach()
 
 
 def discriminator_loss(t, x1, x2, x3):
     """The discriminator's objective: maximise log D(x2, x3) + log(1 - D(x3, dec(mu1, s3))),
-    with (x2, x3) a real same-class pair; returns (loss, accuracy on these 2B pairs)."""
+    with (x2, x3) a real same-class pair; with --disc-fakes posterior+prior also
+    + log(1 - D(x3, dec(z ~ N(0, I), s3))). Returns (loss, accuracy on all these pairs)."""
     B = len(x1)
     with torch.no_grad(), t.autocast():  # the generated image is a constant for this update
         mu, _, s = t.enc(torch.cat([x1, x3]))
-        fake = t.dec(mu[:B], s[B:])
+        z, s3 = mu[:B], s[B:]
+        if t.args.disc_fakes == "posterior+prior":  # the only noise this update draws: default runs draw none
+            z, s3 = torch.cat([z.float(), t.randn(B)]), torch.cat([s3, s3])
+        fake = t.dec(z, s3)  # dec(mu1, s3) [; dec(z ~ N(0, I), s3)]
+    n_fake = len(fake) // B
     with t.autocast():
-        logits = t.disc(torch.cat([x2, x3]), torch.cat([x3, fake.to(x3.dtype)])).float()  # real ; fake pairs
+        logits = t.disc(torch.cat([x2] + [x3] * n_fake), torch.cat([x3, fake.to(x3.dtype)])).float()  # real ; fakes
     target = torch.cat([torch.ones(B, dtype=torch.long, device=x1.device),
-                        torch.zeros(B, dtype=torch.long, device=x1.device)])
-    loss = F.cross_entropy(logits[:B], target[:B]) + F.cross_entropy(logits[B:], target[B:])
+                        torch.zeros(n_fake * B, dtype=torch.long, device=x1.device)])
+    loss = F.cross_entropy(logits[:B], target[:B])
+    for k in range(1, n_fake + 1):  # one cross-entropy per kind of fake, as the generator's two terms
+        loss = loss + F.cross_entropy(logits[k * B:(k + 1) * B], target[k * B:(k + 1) * B])
     acc = (logits.argmax(1) == target).float().mean()
     return loss, acc
 

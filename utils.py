@@ -387,6 +387,61 @@ def encode_dataset(encoder, images_u8, batch_size=1000, z_source="mean", generat
     return torch.cat(zs), torch.cat(ss)
 
 
+@torch.no_grad()
+def posterior_codes(encoder, images_u8, batch_size=1000):
+    """mu and log-variance of q(z|x), and s, of uint8 images (N, C, H, W), on the CPU."""
+    device = next(encoder.parameters()).device
+    out = [encoder(to_float(images_u8[i:i + batch_size].to(device))) for i in range(0, len(images_u8), batch_size)]
+    return tuple(torch.cat([o[k].float().cpu() for o in out]) for k in range(3))
+
+
+def posterior_stats(mu, logvar):
+    """Where q(z|x) = N(mu, sigma^2) sits against the prior N(0, I), averaged over images:
+    mean sigma, mean |mu|, and KL(q(z|x) || N(0, I)) per dimension in nats (the training loss
+    sums it over the code and divides by pixels instead). A dimension near 0 nats carries nothing."""
+    kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # (N, D) nats
+    return {"sigma_mean": torch.exp(0.5 * logvar).mean().item(), "abs_mu_mean": mu.abs().mean().item(),
+            "kl_per_dim": kl.mean().item(), "kl_each_dim": kl.mean(0).tolist()}
+
+
+def same_class_pairs(labels, num_pairs, generator):
+    """num_pairs index pairs (i, j), i != j of the same class: i uniform over the images whose
+    class has two or more, j uniform over the other images of that class. None if no class has two."""
+    n = len(labels)
+    order = torch.argsort(labels, stable=True)  # indices grouped by class
+    counts = torch.bincount(labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n) - starts[labels[order]]  # each image's place within its class
+    eligible = torch.nonzero(counts[labels] >= 2).flatten()
+    if len(eligible) == 0:
+        return None
+    i = eligible[torch.randint(0, len(eligible), (num_pairs,), generator=generator)]
+    c = labels[i]
+    off = torch.randint(0, 2 ** 62, (num_pairs,), generator=generator) % (counts[c] - 1) + 1  # 1 .. n_c - 1
+    return i, order[starts[c] + (rank[i] + off) % counts[c]]
+
+
+@torch.no_grad()
+def swap_errors(decoder, images_u8, labels, mu, s, num_pairs, seed, batch_size=1000):
+    """Per-pixel mean squared error against x_i of dec(z_i, s_i) ("reconstruction") and of
+    dec(z_i, s_j) for random same-class pairs i != j ("same_class_swap"), z = the mean mu of
+    q(z|x). A z that carries no style cannot put x_i's style back, so its swap error is high.
+    Both None (0 pairs) where no class has two images."""
+    device = next(decoder.parameters()).device
+    pairs = same_class_pairs(labels, num_pairs, torch.Generator().manual_seed(seed))
+    if pairs is None:
+        return {"reconstruction": None, "same_class_swap": None, "pairs": 0}
+    i, j = pairs
+    total = {"reconstruction": 0.0, "same_class_swap": 0.0}
+    for k in range(0, num_pairs, batch_size):
+        bi, bj = i[k:k + batch_size], j[k:k + batch_size]
+        x, z = to_float(images_u8[bi]).to(device), mu[bi].to(device)
+        for name, s_src in (("reconstruction", bi), ("same_class_swap", bj)):
+            total[name] += (decoder(z, s[s_src].to(device)).float() - x).pow(2).flatten(1).mean(1).double().sum().item()
+    return {**{k: v / num_pairs for k, v in total.items()}, "pairs": num_pairs}
+
+
 def classes_are_shared(train_labels, test_labels):
     """The split rule: True when every class of the test split also occurs in the train split."""
     return bool(torch.isin(torch.unique(test_labels), torch.unique(train_labels)).all())
@@ -550,7 +605,8 @@ def swap_accuracy(encoder, decoder, judge, images_u8, labels, num_pairs, seed, b
     For random pairs i != j: dec(z_i, s_j) with z_i the style mean of image i, and
     dec(z ~ N(0, I), s_j). Returns the share of each labelled class(j) ("swap", "prior"), and,
     among pairs of different classes, the share of dec(z_i, s_j) labelled class(i)
-    ("style_leak": the class travelling with z instead of s).
+    ("style_leak": the class travelling with z instead of s). "by_class" splits "swap" and
+    "prior" by class(j): one row per class of `labels`, its share None where no pair drew it.
     """
     device = next(decoder.parameters()).device
     style_dim = decoder.style_in.in_features
@@ -568,6 +624,12 @@ def swap_accuracy(encoder, decoder, judge, images_u8, labels, num_pairs, seed, b
         hits["prior"].append(prior == labels[bj])
         hits["leak"].append((swapped == labels[bi])[labels[bi] != labels[bj]])
     share = {k: torch.cat(v).float() for k, v in hits.items()}
+    by_class = []
+    for c in torch.unique(labels).tolist():
+        drawn = labels[j] == c
+        n = int(drawn.sum())
+        by_class.append({"class": c, "pairs": n, **{k: share[k][drawn].mean().item() if n else None
+                                                     for k in ("swap", "prior")}})
     return {"swap": share["swap"].mean().item(), "prior": share["prior"].mean().item(),
             "style_leak": share["leak"].mean().item() if len(share["leak"]) else float("nan"),
-            "pairs": num_pairs}
+            "pairs": num_pairs, "by_class": by_class}

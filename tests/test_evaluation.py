@@ -1,6 +1,7 @@
 """Evaluation commands on a tiny run of fake MNIST: latent classification, swap accuracy,
 t-SNE, swap grid, loss curves, the pretrained export, and their errors on bad input."""
 import json
+import math
 import os
 import re
 import sys
@@ -78,6 +79,15 @@ def test_classify_latents_table_json_and_determinism(run, tmp_path, capsys):
     sw = saved["swap"]
     assert sw["pairs"] == 64 and all(0 <= sw[k] <= 100 for k in ("judge_test", "swap", "prior"))
     assert res["targets"] == saved["targets"]
+    # one row per digit; the rows' shares, weighted by their pairs, give the overall shares
+    assert [r["class"] for r in sw["by_class"]] == list(range(10)) and sum(r["pairs"] for r in sw["by_class"]) == 64
+    for k in ("prior", "swap"):
+        assert sum(r[k] * r["pairs"] for r in sw["by_class"] if r["pairs"]) / 64 == pytest.approx(sw[k], abs=1e-3)
+    assert "| class (of s_j) | pairs |" in table and "| same-class swap: dec(z_i, s_j)" in table
+    assert saved["errors"]["pairs"] == 64 and 0 < saved["errors"]["reconstruction"] < 1
+    po = saved["posterior"]
+    assert len(po["kl_each_dim"]) == 16 and po["kl_per_dim"] == pytest.approx(sum(po["kl_each_dim"]) / 16, abs=1e-5)
+    assert po["sigma_mean"] > 0 and po["abs_mu_mean"] > 0
 
 
 def test_z_sample_differs_from_mean_and_other_seed_changes_numbers(run):
@@ -152,6 +162,82 @@ def test_swap_accuracy_counts_the_class_of_the_s_source():
     follows_z = utils.swap_accuracy(ToyEncoder(), ToyDecoder(use_z=True), ToyJudge(), images, labels, 500, seed=0)
     assert follows_z["style_leak"] == 1.0
     assert 0.1 < follows_z["swap"] < 0.3  # only the pairs whose two images share a class (1 in 5)
+
+
+class PriorToyDecoder(ToyDecoder):
+    """The brightness of s where z > 0, else class 0's: a prior decode is right for class 0
+    always and for the other classes half the time."""
+
+    def forward(self, z, s):
+        return super().forward(z, torch.where(z > 0, s, torch.full_like(s, 0.1)))
+
+
+def test_prior_decodes_by_class_match_a_hand_count():
+    images, labels = toy_images()
+    res = utils.swap_accuracy(ToyEncoder(), PriorToyDecoder(), ToyJudge(), images, labels, 500, seed=3)
+    g = torch.Generator().manual_seed(3)  # the same draws, counted by hand
+    _, j = utils.random_pairs(50, 500, g)
+    hit = (torch.randn(500, 1, generator=g)[:, 0] > 0) | (labels[j] == 0)
+    assert [r["class"] for r in res["by_class"]] == [0, 1, 2, 3, 4]
+    for r in res["by_class"]:
+        drawn = labels[j] == r["class"]
+        assert r["pairs"] == int(drawn.sum()) and r["prior"] == hit[drawn].float().mean().item()
+        assert r["swap"] == 1.0  # z_i > 0 always: the posterior decodes follow s
+    assert res["by_class"][0]["prior"] == 1.0 and all(0.3 < r["prior"] < 0.7 for r in res["by_class"][1:])
+
+
+class Renderer(nn.Module):
+    """Draws a 4x4 image: background brightness s[:, 0], one white pixel at position style,
+    style = round(z[:, 0]) or, with style_in_s, s[:, 1] (then z is ignored)."""
+
+    def __init__(self, style_in_s):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.style_in_s = style_in_s
+
+    def forward(self, z, s):
+        style = (s[:, 1] if self.style_in_s else z[:, 0]).round().long()
+        x = s[:, :1, None, None].expand(-1, 1, 4, 4).clone()
+        x.view(len(x), 16)[torch.arange(len(x)), style] = 1.0
+        return x
+
+
+def test_same_class_swap_error_is_high_for_a_decoder_that_ignores_z():
+    g = torch.Generator().manual_seed(0)
+    labels, style = torch.arange(60) % 5, torch.randint(0, 16, (60,), generator=g)
+    labels[59] = 7  # a class of one image: never in a pair
+    bg = (labels + 1) * 20
+    images = bg[:, None].repeat(1, 16).to(torch.uint8)
+    images[torch.arange(60), style] = 255
+    images = images.view(60, 1, 4, 4)
+    brightness = bg.float()[:, None] / 255
+    z = style.float()[:, None]  # z carries the style, s the class: both errors are zero
+    good = utils.swap_errors(Renderer(False), images, labels, z, brightness, 400, seed=1)
+    assert good["reconstruction"] < 1e-12 and good["same_class_swap"] < 1e-12 and good["pairs"] == 400
+    # s carries everything and the decoder ignores z: a perfect reconstruction, a bad swap
+    empty = utils.swap_errors(Renderer(True), images, labels, torch.zeros(60, 1),
+                              torch.cat([brightness, z], 1), 400, seed=1)
+    i, j = utils.same_class_pairs(labels, 400, torch.Generator().manual_seed(1))
+    assert (i != j).all() and (labels[i] == labels[j]).all() and set(labels[i].tolist()) == {0, 1, 2, 3, 4}
+    by_hand = (utils.to_float(images[j]) - utils.to_float(images[i])).pow(2).mean((1, 2, 3)).mean().item()
+    assert empty["reconstruction"] < 1e-12
+    assert empty["same_class_swap"] == pytest.approx(by_hand) and empty["same_class_swap"] > 0.05
+    # no class with two images (a tiny test set): no pairs, reported as such
+    alone = utils.swap_errors(Renderer(True), images[:5], labels[:5], z[:5], torch.cat([brightness, z], 1)[:5], 9, 1)
+    assert alone == {"reconstruction": None, "same_class_swap": None, "pairs": 0}
+
+
+def test_posterior_stats_by_hand():
+    mu = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    logvar = torch.tensor([[0.0, 0.0], [math.log(4), 0.0]])
+    st = utils.posterior_stats(mu, logvar)
+    kl_10 = 0.5 * (4 + 4 - 1 - math.log(4))  # dimension 0 of image 1: mu 2, sigma 2
+    assert st["sigma_mean"] == pytest.approx(1.25) and st["abs_mu_mean"] == pytest.approx(0.75)
+    assert st["kl_each_dim"] == pytest.approx([kl_10 / 2, 0.25])
+    assert st["kl_per_dim"] == pytest.approx((kl_10 + 0.5) / 4)
+    # the training loss's KL is the same sum, divided by batch x pixels instead of images x dimensions
+    from networks import kl_divergence
+    assert kl_divergence(mu, logvar, 784).item() * 784 * 2 == pytest.approx(st["kl_per_dim"] * 2 * 2)
 
 
 def test_random_pairs_never_pair_an_image_with_itself():

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train
 from benchmarks import reference_style as ref
@@ -94,9 +95,9 @@ def zero(params):
         p.grad = None
 
 
-def assert_all_close(xs, ys):
+def assert_all_close(xs, ys, atol=1e-6):
     for x, y in zip(xs, ys):
-        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=atol)
 
 
 def batches(t, n):
@@ -263,3 +264,155 @@ def test_compile_computes_the_same_iteration(monkeypatch):
             assert m2[k] == pytest.approx(m1[k], rel=1e-4, abs=1e-6), k
     for a, b in zip(plain.nets(), compiled.nets()):
         assert_all_close(list(a.parameters()), list(b.parameters()))
+
+
+# ---------------------------------------------------------------- opt-in flags beyond the reference
+# --disc-fakes and --kl-weight each change one named update; their defaults are the reference's.
+
+def pre_flag_reconstruction_step(t, x1, x2):
+    """train.reconstruction_step as it was before --kl-weight existed (frozen copy)."""
+    B = len(x1)
+    mu, logvar, s = t.enc(torch.cat([x1, x2]))
+    mu1, logvar1 = mu[:B].float(), logvar[:B].float()
+    z1 = train.reparameterize(mu1, logvar1, t.randn(B))
+    recon = t.dec(torch.cat([z1, z1]), torch.cat([s[:B], s[B:]])).float()
+    rec = F.mse_loss(recon[:B], x1) + F.mse_loss(recon[B:], x1)
+    kl = train.kl_divergence(mu1, logvar1, t.n_pixels)
+    t.update(t.opt_ae, rec + kl)
+    return rec.detach(), kl.detach()
+
+
+def pre_flag_generator_step(t, x1, x3):
+    """train.generator_step as it was before --kl-weight existed (frozen copy)."""
+    B = len(x1)
+    mu, logvar, s = t.enc(torch.cat([x1, x3]))
+    mu1, logvar1, s3 = mu[:B].float(), logvar[:B].float(), s[B:]
+    z1 = train.reparameterize(mu1, logvar1, t.randn(B))
+    logits = t.disc_local(torch.cat([x3, x3]), t.dec(torch.cat([z1, t.randn(B)]), torch.cat([s3, s3]))).float()
+    real = torch.ones(B, dtype=torch.long)
+    gen = F.cross_entropy(logits[:B], real) + F.cross_entropy(logits[B:], real)
+    t.update(t.opt_gen, gen + train.kl_divergence(mu1, logvar1, t.n_pixels), inputs=t.ae_params)
+    return gen.detach()
+
+
+def pre_flag_discriminator_loss(t, x1, x2, x3):
+    """train.discriminator_loss as it was before --disc-fakes existed (frozen copy)."""
+    B = len(x1)
+    with torch.no_grad():
+        mu, _, s = t.enc(torch.cat([x1, x3]))
+        fake = t.dec(mu[:B], s[B:])
+    logits = t.disc(torch.cat([x2, x3]), torch.cat([x3, fake])).float()
+    target = torch.cat([torch.ones(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)])
+    loss = F.cross_entropy(logits[:B], target[:B]) + F.cross_entropy(logits[B:], target[B:])
+    return loss, (logits.argmax(1) == target).float().mean()
+
+
+def test_default_flags_train_bit_for_bit_as_before(monkeypatch):
+    new = make_trainer()
+    m_new = [train.train_iteration(new) for _ in range(3)]
+    monkeypatch.setattr(train, "reconstruction_step", pre_flag_reconstruction_step)
+    monkeypatch.setattr(train, "generator_step", pre_flag_generator_step)
+    monkeypatch.setattr(train, "discriminator_loss", pre_flag_discriminator_loss)
+    old = make_trainer()
+    m_old = [train.train_iteration(old) for _ in range(3)]
+    assert m_new == m_old and any(m["disc_stepped"] for m in m_new)
+    for a, b in zip(new.nets(), old.nets()):
+        assert same(snapshot(a), snapshot(b))
+    assert torch.equal(new.noise.get_state(), old.noise.get_state())  # no extra noise drawn
+
+
+def hand_kl(mu, logvar):
+    """The reference's KL: summed over batch and code, divided by batch x pixels."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / (len(mu) * 28 * 28)
+
+
+def test_kl_weight_scales_only_the_kl_term_of_reconstruction_and_generator():
+    W = 40.0  # large enough that a dropped weight shows in the gradients
+    t = make_trainer("--lr", "1e-30", "--kl-weight", str(W))
+    x1, x2 = batches(t, 2)
+    g = torch.Generator().set_state(t.noise.get_state())
+    rec, kl = train.reconstruction_step(t, x1, x2)
+    ours = grads(t.ae_params)
+    zero(t.ae_params)
+    mu1, lv1, s1 = t.encoder(x1)
+    _, _, s2 = t.encoder(x2)
+    z1 = mu1 + torch.exp(0.5 * lv1) * torch.randn(8, t.cfg.style_dim, generator=g)
+    rec_ref = F.mse_loss(t.decoder(z1, s1), x1) + F.mse_loss(t.decoder(z1, s2), x1)
+    (rec_ref + W * hand_kl(mu1, lv1)).backward()
+    torch.testing.assert_close(rec, rec_ref.detach())
+    torch.testing.assert_close(kl, hand_kl(mu1, lv1).detach())  # the logged KL stays unweighted
+    assert_all_close(ours, grads(t.ae_params), atol=1e-5)
+
+    t = make_trainer("--lr", "1e-30", "--kl-weight", str(W))  # a fresh state, as the reference-form tests
+    x1, x3 = batches(t, 2)
+    g = torch.Generator().set_state(t.noise.get_state())
+    gen = train.generator_step(t, x1, x3)
+    ours = grads(t.ae_params)
+    zero(t.ae_params)
+    mu1, lv1, _ = t.encoder(x1)
+    _, _, s3 = t.encoder(x3)
+    z1 = mu1 + torch.exp(0.5 * lv1) * torch.randn(8, t.cfg.style_dim, generator=g)
+    prior = torch.randn(8, t.cfg.style_dim, generator=g)
+    real = torch.ones(8, dtype=torch.long)
+    gen_ref = (F.cross_entropy(t.discriminator(x3, t.decoder(z1, s3)), real)
+               + F.cross_entropy(t.discriminator(x3, t.decoder(prior, s3)), real))
+    (gen_ref + W * hand_kl(mu1, lv1)).backward()
+    torch.testing.assert_close(gen, gen_ref.detach())
+    assert_all_close(ours, grads(t.ae_params), atol=1e-5)
+
+    # the discriminator update has no KL term: bit-for-bit the default's
+    x2 = batches(t, 1)[0]
+    d = make_trainer("--lr", "1e-30")
+    d.load_state_dict({**t.state_dict(), "path": "x"})
+    assert [v.item() for v in train.discriminator_loss(t, x1, x2, x3)] == \
+        [v.item() for v in train.discriminator_loss(d, x1, x2, x3)]
+
+
+def test_disc_fakes_prior_matches_hand_written_form():
+    t = make_trainer("--lr", "1e-30", "--disc-fakes", "posterior+prior")
+    x1, x2, x3 = batches(t, 3)
+    g = torch.Generator().set_state(t.noise.get_state())
+    loss, acc = train.discriminator_loss(t, x1, x2, x3)
+    t.update(t.opt_disc, loss)
+    dparams = list(t.discriminator.parameters())
+    ours = grads(dparams)
+    assert all(p.grad is None for p in t.ae_params)  # the fakes are constants of this update
+
+    zero(dparams)
+    eps = torch.randn(8, t.cfg.style_dim, generator=g)
+    assert torch.equal(g.get_state(), t.noise.get_state())  # it drew exactly B prior codes from the trainer's noise
+    with torch.no_grad():
+        mu1, _, _ = t.encoder(x1)
+        _, _, s3 = t.encoder(x3)
+        post, prior = t.decoder(mu1, s3), t.decoder(eps, s3)
+    ones, zeros = torch.ones(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)
+    out = [t.discriminator(x2, x3), t.discriminator(x3, post), t.discriminator(x3, prior)]
+    loss_ref = F.cross_entropy(out[0], ones) + F.cross_entropy(out[1], zeros) + F.cross_entropy(out[2], zeros)
+    loss_ref.backward()
+    acc_ref = (torch.cat(out).argmax(1) == torch.cat([ones, zeros, zeros])).float().mean()  # over all 3B pairs
+    torch.testing.assert_close(loss, loss_ref.detach())
+    assert acc.item() == acc_ref.item()
+    assert_all_close(ours, grads(dparams), atol=1e-5)  # float rounding of one layout against the other
+
+
+def test_disc_fakes_changes_only_the_discriminator_update():
+    """The discriminator steps last in an iteration: with posterior+prior the reconstruction and
+    generator updates (and so the encoder and decoder) are bit-for-bit the default's."""
+    plain, prior = make_trainer(), make_trainer("--disc-fakes", "posterior+prior")
+    m1, m2 = train.train_iteration(plain), train.train_iteration(prior)
+    assert m1["disc_stepped"] and m2["disc_stepped"]
+    assert [m1[k] for k in ("recon_loss", "kl", "gen_loss")] == [m2[k] for k in ("recon_loss", "kl", "gen_loss")]
+    for a, b in zip(plain.nets()[:2], prior.nets()[:2]):
+        assert same(snapshot(a), snapshot(b))
+    assert not same(snapshot(plain.discriminator), snapshot(prior.discriminator))
+
+
+def test_resume_of_a_checkpoint_older_than_the_flags_uses_their_defaults():
+    parser = train.get_args_parser()
+    saved = vars(parser.parse_args([]))
+    del saved["kl_weight"], saved["disc_fakes"]
+    ckpt = {"args": saved, "path": "runs/a/checkpoints/last.pt"}
+    merged = train.merge_resume_args(parser.parse_args(["--resume", "x"]), ckpt)
+    assert merged.kl_weight == 1.0 and merged.disc_fakes == "posterior"
+    with pytest.raises(train.CheckpointError, match="--kl-weight 0.5 differs"):
+        train.merge_resume_args(parser.parse_args(["--resume", "x", "--kl-weight", "0.5"]), ckpt)
