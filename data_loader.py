@@ -88,7 +88,7 @@ def load_mnist(root, split="train"):
         images, labels = ds.data, ds.targets
     except Exception as e:
         raise DataError(f"could not read MNIST {split} files in {raw}/ (truncated or corrupted? "
-                        f"check them against the MD5s in the README): {e.__class__.__name__}: {e}") from None
+                        f"check them against the MD5s in docs/datasets.md): {e.__class__.__name__}: {e}") from None
     if images.dim() != 3 or images.shape[1:] != (28, 28) or len(images) != len(labels) \
             or len(labels) == 0 or labels.min() < 0 or labels.max() > 9:
         raise DataError(f"MNIST {split} files in {raw}/ are malformed: images {tuple(images.shape)}, "
@@ -419,7 +419,7 @@ def load_linemod(root, split="train", train_split=LINEMOD_TRAIN_SPLIT, eval_spli
     lm = os.path.join(root, "lm")
     if not os.path.isdir(lm):
         raise DataError(f"no LINEMOD in BOP layout under {root}: expected {lm}/<split>/<scene>/ "
-                        f"(see the README's LINEMOD section)")
+                        f"(see docs/datasets.md, LINEMOD)")
     split_dir = os.path.join(lm, bop_split)
     if not os.path.isdir(split_dir):
         have = sorted(n for n in os.listdir(lm) if os.path.isdir(os.path.join(lm, n)))
