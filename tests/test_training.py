@@ -79,6 +79,42 @@ def test_gate_zero_never_steps():
     assert same(before, snapshot(t.discriminator))
 
 
+def indexed_trainer():
+    """A trainer on 64 images whose first pixel is the image's own index, labels i % 4."""
+    t = make_trainer()
+    t.images[:, 0, 0, 0] = torch.arange(len(t.images), dtype=torch.uint8)
+    return t
+
+
+def indices(x):
+    return (x[:, 0, 0, 0] * 255).round().long()
+
+
+def test_iteration_pairs_same_class_images(monkeypatch):
+    """The reconstruction's partner x2 and the discriminator's real pair (x2, x3) share the anchor's
+    class (Mathieu et al. 2016, sec. 3): drawn by the sampler's pairs(), not as independent batches."""
+    t = indexed_trainer()
+    labels, seen = t.sampler.labels, {"rec": [], "disc": []}
+    real_rec, real_disc = train.reconstruction_step, train.discriminator_loss
+
+    def rec_spy(t_, x1, x2):
+        seen["rec"].append((indices(x1), indices(x2)))
+        return real_rec(t_, x1, x2)
+
+    def disc_spy(t_, x1, x2, x3):
+        seen["disc"].append((indices(x2), indices(x3)))
+        return real_disc(t_, x1, x2, x3)
+
+    monkeypatch.setattr(train, "reconstruction_step", rec_spy)
+    monkeypatch.setattr(train, "discriminator_loss", disc_spy)
+    for _ in range(3):
+        train.train_iteration(t)
+    assert len(seen["rec"]) == len(seen["disc"]) == 3
+    for a, b in seen["rec"] + seen["disc"]:
+        assert torch.equal(labels[a], labels[b])
+        assert (a != b).any()  # a partner is another image of the class, not the anchor repeated
+
+
 # ---------------------------------------------------------------- equivalence with the reference form
 # The reference encodes x1 and x2 in separate passes, decodes each code pair separately and calls
 # backward once per loss term with retain_graph=True. train.py concatenates batches and calls
@@ -154,10 +190,14 @@ def test_reference_style_iteration_runs():
     t = make_trainer()
     nets = [ref.with_running_stat_norms(n) for n in t.nets()]
     opts = (t.opt_ae, t.opt_gen, torch.optim.Adam(nets[2].parameters()))
-    before = snapshot(nets[0])
+    # parameters only: the running statistics of the reference's norms move on every forward pass
+    before = [[p.detach().clone() for p in n.parameters()] for n in nets]
     stream = ref.batches(ref.PairedImages(t.images, t.sampler.labels), 8)
     ref.reference_iteration(*nets, opts, stream, t.cfg, gate=1.01)
-    assert not same(before, snapshot(nets[0]))
+    for net, old in zip(nets, before):
+        assert not all(torch.equal(p, q) for p, q in zip(net.parameters(), old))
+    # one reconstruction, two generator and one discriminator step
+    assert [max((int(st["step"]) for st in o.state.values()), default=0) for o in opts] == [1, 2, 1]
     assert isinstance(next(m for m in nets[0].modules() if isinstance(m, torch.nn.InstanceNorm2d)),
                       torch.nn.InstanceNorm2d)
 
