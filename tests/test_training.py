@@ -1,16 +1,20 @@
 """The training iteration: the gate, the 2:1 schedule, equivalence with the reference's
 straightforward form, exact resume."""
 import csv
+import json
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
 import train
 from benchmarks import reference_style as ref
-from conftest import SHARED_DATA, needs_mnist
+from conftest import SHARED_DATA, make_fake_mnist, needs_mnist
 from data_loader import ImageSet
 from networks import get_config
+from utils import rng_state, seed_everything, set_rng_state
 
 
 def tiny_set(n=64, seed=0):
@@ -254,6 +258,72 @@ def test_run_directory_refuses_to_be_reused(fake_mnist, tmp_path):
         run(common(fake_mnist, tmp_path) + ["--max-steps", "2"])
     run(common(fake_mnist, tmp_path) + ["--max-steps", "3", "--overwrite"])
     assert load(tmp_path / "checkpoints" / "last.pt")["step"] == 3
+
+
+def test_epochs_set_the_schedule_checkpoints_and_epoch_column(tmp_path):
+    """Without --max-steps: epochs x floor(N / batch) iterations, a checkpoint every epoch, and the
+    epoch column counting completed epochs. 44 images in batches of 16 make 2 iterations per epoch
+    (rounding or ceiling would make 3)."""
+    data = make_fake_mnist(tmp_path / "data", n_train=44)
+    run(["--data-root", data, "--run-dir", str(tmp_path / "r"), "--batch-size", "16", "--epochs", "4"])
+    with open(tmp_path / "r" / "config.json") as f:
+        assert json.load(f)["steps_per_epoch"] == 2
+    with open(tmp_path / "r" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(1, 9))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 1, 2, 2, 3, 3, 4]
+    # checkpoints at steps 2, 4, 6, 8; the default --keep-checkpoints 3 dropped step 2's
+    assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == \
+        ["last.pt", "step_0000004.pt", "step_0000006.pt", "step_0000008.pt"]
+    c = load(tmp_path / "r" / "checkpoints" / "last.pt")
+    assert (c["step"], c["epoch"]) == (8, 4)
+
+
+def test_checkpoint_refuses_non_finite_weights_and_keep_zero_keeps_all(tmp_path):
+    t = make_trainer()
+    ckdir = tmp_path / "checkpoints"
+    ckdir.mkdir()
+    for step in range(1, 6):
+        train.save_checkpoint(t, str(tmp_path), step, 0, keep=0)
+    assert sorted(os.listdir(ckdir)) == ["last.pt"] + [f"step_{s:07d}.pt" for s in range(1, 6)]
+    with torch.no_grad():
+        t.decoder.deconvs[0].weight[0, 0, 0, 0] = float("inf")  # finite losses could still come out
+    before = tree_bytes(ckdir)
+    with pytest.raises(train.DivergenceError, match=r"NaN/inf by step 6 \(deconvs.0.weight\)"):
+        train.save_checkpoint(t, str(tmp_path), 6, 0, keep=0)
+    assert tree_bytes(ckdir) == before  # the last good checkpoint is kept, nothing else written
+
+
+def tree_bytes(folder):
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
+
+
+def test_a_run_directory_resumes_like_its_last_checkpoint(fake_mnist, tmp_path):
+    run(common(fake_mnist, tmp_path / "a") + ["--max-steps", "4"])
+    run(common(fake_mnist, tmp_path / "b") + ["--max-steps", "2"])
+    run(["--resume", str(tmp_path / "b"), "--max-steps", "4"])  # the folder, not its checkpoints/last.pt
+    a, b = load(tmp_path / "a" / "checkpoints" / "last.pt"), load(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 4
+    for name in ("encoder", "decoder", "discriminator"):
+        assert same(a[name], b[name]), name
+    with pytest.raises(train.CheckpointError, match="is a directory without checkpoints/last.pt"):
+        run(["--resume", str(tmp_path)])
+
+
+def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
+    """python, numpy (with its cached Gaussian) and torch continue exactly where they were saved."""
+    def draws():
+        return random.random(), np.random.standard_normal(), np.random.randint(1 << 30), torch.rand(3)
+
+    seed_everything(5)
+    np.random.standard_normal()  # an odd number of legacy normals leaves one cached: has_gauss = 1
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    expected = draws()
+    draws()
+    seed_everything(6)  # anything in between
+    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    got = draws()
+    assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
 
 
 @needs_mnist
