@@ -315,14 +315,18 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
     def draws():
         return random.random(), np.random.standard_normal(), np.random.randint(1 << 30), torch.rand(3)
 
-    seed_everything(5)
-    np.random.standard_normal()  # an odd number of legacy normals leaves one cached: has_gauss = 1
-    torch.save(rng_state(), tmp_path / "rng.pt")
-    expected = draws()
-    draws()
-    seed_everything(6)  # anything in between
-    set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    got = draws()
+    outside = rng_state()
+    try:
+        seed_everything(5)
+        np.random.standard_normal()  # an odd number of legacy normals leaves one cached: has_gauss = 1
+        torch.save(rng_state(), tmp_path / "rng.pt")
+        expected = draws()
+        draws()
+        seed_everything(6)  # anything in between
+        set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+        got = draws()
+    finally:
+        set_rng_state(outside)  # the other tests' random streams as they were
     assert got[:3] == expected[:3] and torch.equal(got[3], expected[3])
 
 
