@@ -17,11 +17,15 @@ def test_fake_mnist_loads(fake_mnist):
 def test_pairs_share_their_label_and_are_redrawn():
     labels = torch.arange(200) % 7
     sampler = PairSampler(labels, seed=0)
-    draws = []
-    for _ in range(20):
+    partners_of = {}
+    for _ in range(20):  # 640 anchors: each image about three times
         a, b = sampler.pairs(32)
         assert (labels[a] == labels[b]).all()
-        draws.append(b.clone())
+        for i, j in zip(a.tolist(), b.tolist()):
+            partners_of.setdefault(i, set()).add(j)
+    # pairs() gives an anchor met again a new partner (its class has 28 or 29 images), not the first one
+    again = [p for i, p in partners_of.items() if len(p) > 1]
+    assert len(again) > 0.9 * len(partners_of)
     # the same anchors get new partners: pairs are drawn afresh, not cached from the first epoch
     sampler2 = PairSampler(labels, seed=0)
     a0, _ = sampler2.pairs(32)
@@ -78,12 +82,19 @@ def test_sampler_is_seeded_and_resumable():
         assert torch.equal(a, c) and torch.equal(b, d)
 
 
-def test_partner_offsets_stay_inside_their_class():
+def test_partner_offsets_stay_inside_their_class(monkeypatch):
     labels = torch.tensor([0] * 3 + [1] * 50000)
     sampler = PairSampler(labels, 0)
     for _ in range(50):
         a, b = sampler.pairs(1000)
         assert (labels[a] == labels[b]).all()
+    # The rounding case forced: u * count can round up to count (u just below 1 in low precision, or
+    # a count beyond float's exact integers); the offset must still be the class's last image.
+    labels = torch.tensor([2, 0, 1, 0, 2, 1, 0])
+    sampler = PairSampler(labels, 0)
+    monkeypatch.setattr(torch, "rand", lambda n, **kw: torch.ones(n))
+    idx = torch.arange(7)
+    assert sampler.partners(idx).tolist() == [4, 6, 5, 6, 4, 5, 6]  # the last image of each class
 
 
 def test_missing_files_give_one_clear_message(tmp_path):

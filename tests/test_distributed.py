@@ -1,6 +1,7 @@
 """Data-parallel training: two CPU processes under torchrun (gloo) against each other and against
 one process with the two ranks' batches side by side; one backward per network per update."""
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -146,6 +147,10 @@ def test_rank_zero_alone_writes_one_run_directory(two_ranks):
     with open(a / "log.txt") as f:
         log = f.read()
     assert log.count("training mnist") == 1 and "2 processes x batch 8" in log
+    with open(a / "config.json") as f:
+        config = json.load(f)
+    # an epoch is the 256 fake images seen over both ranks: floor(256 / (8 x 2)) iterations
+    assert config["world_size"] == 2 and config["steps_per_epoch"] == 16
     with open(a / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, ddp_worker.STEPS + 1))
 

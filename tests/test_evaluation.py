@@ -90,6 +90,35 @@ def test_classify_latents_table_json_and_determinism(run, tmp_path, capsys):
     assert po["sigma_mean"] > 0 and po["abs_mu_mean"] > 0
 
 
+class BarEncoder(nn.Module):
+    """Codes of fake MNIST images with the roles known: s is the one-hot class (read from the row of
+    the class's bright bar, conftest.make_fake_mnist), z is noise."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.g = torch.Generator().manual_seed(0)
+
+    def forward(self, x):
+        first_bright_row = (x[:, 0].amax(2) > 0.5).float().argmax(1)  # 2 + 2 * class
+        s = nn.functional.one_hot((first_bright_row - 2) // 2, 10).float()
+        return torch.randn(len(x), 16, generator=self.g), torch.zeros(len(x), 16), s
+
+
+def test_classify_latents_reads_the_class_from_s_and_not_from_z(run, monkeypatch):
+    """With s = the class and z = noise, the table must say so (z and s swapped anywhere fails)."""
+    def build(ckpt, device="cpu"):
+        cfg, _, decoder = utils.build_models(ckpt, device)
+        return cfg, BarEncoder(), decoder
+
+    monkeypatch.setattr(classify_latents, "build_models", build)
+    res = classify(run["ckpt"], "--epochs", "3", "--batch-size", "32", "--no-swap")
+    row = res["targets"]["class"]
+    for kind in ("mlp", "linear"):
+        assert row[kind]["s_train"] == row[kind]["s_test"] == 100.0, kind
+        assert row[kind]["z_test"] < 35, kind  # chance is 10.94
+
+
 def test_z_sample_differs_from_mean_and_other_seed_changes_numbers(run):
     ckpt = utils.load_checkpoint(run["ckpt"])
     _, enc, _ = utils.build_models(ckpt)
@@ -98,7 +127,9 @@ def test_z_sample_differs_from_mean_and_other_seed_changes_numbers(run):
     z_a, s2 = utils.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(0))
     z_b, _ = utils.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(s1, s2)  # batch 3 against batch 1000: equal up to float rounding
+    z_c, _ = utils.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(1))
     assert torch.equal(z_a, z_b) and not torch.allclose(z_a, z_mean)
+    assert not torch.allclose(z_c, z_a) and not torch.allclose(z_c, z_mean)  # another seed, other draws
     mu, _, _ = enc(utils.to_float(x))
     torch.testing.assert_close(z_mean, mu)  # batching does not change the codes
 
@@ -292,15 +323,31 @@ def test_classify_latents_reports_each_factor_with_its_chance(sprites_ckpt, caps
     assert res["targets"]["class"]["num_classes"] == 4 and res["targets"]["class"]["chance"] == 25.0
     assert res["targets"]["action"]["num_classes"] == 3
     assert res["split"]["rule"].startswith("within-class")
-    assert "| action | 3 |" in capsys.readouterr().out
+    # each factor's chance is its own commonest value among the 8 held-out test images (2 per
+    # identity): actions 3/2/3 -> 37.5%, frames 4/0/2/2 -> 50%; not the class's 25%, nor the fit set's
+    assert (res["targets"]["action"]["chance"], res["targets"]["frame"]["chance"]) == (37.5, 50.0)
+    assert res["targets"]["frame"]["num_classes"] == 4
+    out = capsys.readouterr().out
+    assert "| action | 3 | 37.50 |" in out and "| frame | 4 | 50.00 |" in out
 
 
-def test_tsne_colours_by_a_factor(sprites_ckpt, tmp_path):
-    out = tmp_path / "t.png"
+def test_tsne_colours_by_a_factor(sprites_ckpt, tmp_path, monkeypatch):
+    out, plotted, real_plot = tmp_path / "t.png", [], tsne_plot.plot
+
+    def spy(xy, labels, title, legend_title, path, dpi):
+        plotted.append((labels, legend_title))
+        return real_plot(xy, labels, title, legend_title, path, dpi)
+
+    monkeypatch.setattr(tsne_plot, "plot", spy)
     xy = tsne_plot.main(tsne_plot.get_args_parser().parse_args(
         ["--checkpoint", sprites_ckpt, "--data-root", str(tmp_path), "--num-points", "40", "--perplexity", "5",
          "--color-by", "action", "--out", str(out)]))
     assert xy.shape == (40, 2) and out.stat().st_size > 5000
+    # the points of the seeded subset, coloured by their action (0-2), not by identity (4-7)
+    test_set = fake_sprites(None, "test")
+    idx = torch.randperm(48, generator=torch.Generator().manual_seed(0))[:40]
+    (labels, legend), = plotted
+    assert legend == "action" and labels.tolist() == test_set.factors["action"][idx].tolist()
 
 
 # ----------------------------------------------------------------------------- figures
@@ -465,8 +512,23 @@ def test_loss_curves_on_a_folder_that_is_no_run(tmp_path, monkeypatch, capsys):
 def test_missing_data_root_names_the_flag(run, tmp_path):
     args = classify_latents.get_args_parser().parse_args(
         ["--checkpoint", run["pretrained"], "--data-root", str(tmp_path / "nowhere")])
-    with pytest.raises(utils.UserError, match="does not exist"):
+    with pytest.raises(utils.UserError, match="does not exist") as given:
         classify_latents.main(args)
+    assert "--data-root" not in str(given.value)  # the user's own flag: nothing to add
+    # the checkpoint's data root is gone (a run moved to another machine): the message names the flag
+    ck = torch.load(run["pretrained"], weights_only=True)
+    ck["args"]["data_root"] = str(tmp_path / "moved")
+    torch.save(ck, tmp_path / "moved.pt")
+    args = classify_latents.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "moved.pt")])
+    with pytest.raises(utils.UserError, match=r"does not exist.*comes from the checkpoint; pass --data-root"):
+        classify_latents.main(args)
+
+
+def test_a_run_directory_is_a_checkpoint(run):
+    """--checkpoint accepts the run directory and reads its checkpoints/last.pt."""
+    flags = ("--no-swap", "--no-linear-probe")
+    by_dir, by_file = classify(run["run_dir"], *flags), classify(run["ckpt"], *flags)
+    assert by_dir == by_file and by_dir["checkpoint"] == os.path.abspath(run["ckpt"])
 
 
 def test_split_rule_uses_global_identities_where_labels_restart_per_split():

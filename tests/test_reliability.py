@@ -105,7 +105,8 @@ def test_truncated_mnist_file(monkeypatch, capsys, run_copy, tmp_path):
         f.truncate(30)
     before = tree(run_dir)
     code, err = cli(monkeypatch, capsys, ["--data-root", data, "--run-dir", str(run_dir), "--overwrite"])
-    assert code == 2 and "truncated or corrupted" in err and "train-labels" not in err or "MNIST" in err
+    assert code == 2 and "truncated or corrupted" in err
+    assert f"MNIST train files in {os.path.join(data, 'MNIST', 'raw')}/" in err  # which files, and where
     assert err.count("\n") == 1
     assert tree(run_dir) == before
 
@@ -294,7 +295,9 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
         assert all(torch.equal(a[name][k], b[name][k]) for k in a[name]), name
     with open(run_dir / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, steps + 1))
-    for tag, ss in read_tb_scalars(run_dir / "tb").items():
+    scalars = read_tb_scalars(run_dir / "tb")
+    assert set(scalars) == set(train.TB_TAGS.values())  # every curve is there to check
+    for tag, ss in scalars.items():
         assert sorted(ss) == list(range(1, steps + 1)), tag
 
 

@@ -143,6 +143,17 @@ def test_rendered_splits_labels_and_factors(fake_lpc):
     assert torch.bincount(train_set.factors["action"][one]).tolist() == [28, 32, 36, 24, 52]
     # a layer's colour appears where the sheet put it: the background stays white elsewhere
     assert (train_set.images[:, :, 0, 0] == 255).all()
+    # Layers are alpha-blended, not pasted: write_fake_lpc draws layer j over sheet rows 10 + 8j to
+    # 21 + 8j, so rows 14 + 8j to 17 + 8j (image rows 10 + 8j to 13 + 8j after the 4-row crop) hold
+    # layer j alone over the white background. There its block's first column has alpha 128: the
+    # colour c of the next column (alpha 255) over white, round((255 * 127 + c * 128) / 255).
+    x = train_set.images.long()
+    for j in range(len(FAKE_VARIANTS)):
+        band = x[:, :, 10 + 8 * j:14 + 8 * j]                           # (N, 3, 4 rows, 60)
+        edge = (band != 255).any(1).long().argmax(-1)                   # first non-white column per row
+        soft = band.gather(3, edge[:, None, :, None].expand(-1, 3, -1, 1))
+        solid = band.gather(3, edge[:, None, :, None].expand(-1, 3, -1, 1) + 1)
+        assert torch.equal(soft, (255 * 127 + solid * 128 + 127) // 255), j
 
 
 def test_pairs_share_identity_but_not_pose(fake_lpc):
