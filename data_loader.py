@@ -6,15 +6,19 @@ device and draws pairs by index, so the hot loop does no per-item Python work.
 """
 import hashlib
 import json
+import math
 import os
 import re
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
 from utils import UserError, WriteError, atomic_save
 
@@ -94,11 +98,6 @@ def load_mnist(root, split="train"):
         raise DataError(f"MNIST {split} files in {raw}/ are malformed: images {tuple(images.shape)}, "
                         f"labels {tuple(labels.shape)}")
     return ImageSet(images.unsqueeze(1).contiguous(), labels.long(), 10)
-
-
-DATASETS = {
-    "mnist": load_mnist,
-}
 
 
 def load_dataset(name, root, split="train", **options):
@@ -240,7 +239,6 @@ def linemod_fingerprint(split_dir, scenes):
 
 
 def _read_json(path):
-    import json
     if not os.path.isfile(path):
         raise DataError(f"LINEMOD annotation file missing: {path}")
     try:
@@ -252,7 +250,6 @@ def _read_json(path):
 
 def _numbers(value, n, path, where, field):
     """value as a list of n finite floats, or a DataError naming the file, image and field."""
-    import math
     ok = isinstance(value, (list, tuple)) and len(value) == n and \
         all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
     if not ok:
@@ -336,8 +333,6 @@ def _linemod_instances(split_dir, scenes, part, min_visibility):
 def linemod_crop(image, box, image_size, crop_scale=LINEMOD_CROP_SCALE):
     """The square crop around box [x, y, w, h] (side crop_scale x the longer side, same centre),
     zero-padded outside the image, resized to image_size: a uint8 array (image_size, image_size, 3)."""
-    import numpy as np
-    from PIL import Image
     x, y, w, h = box
     side = max(w, h) * crop_scale
     x0, y0 = round(x + w / 2 - side / 2), round(y + h / 2 - side / 2)
@@ -348,10 +343,6 @@ def linemod_crop(image, box, image_size, crop_scale=LINEMOD_CROP_SCALE):
 
 def build_linemod(split_dir, scenes, part, min_visibility, image_size, crop_scale):
     """Read and crop every kept instance: the cache's content (a dict of tensors)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-    from tqdm import tqdm
 
     jobs = _linemod_instances(split_dir, scenes, part, min_visibility)
     rows = [inst for _, kept in jobs for inst in kept]
@@ -410,8 +401,6 @@ def load_linemod(root, split="train", train_split=LINEMOD_TRAIN_SPLIT, eval_spli
     factors: obj_id, viewpoint (int64 bin, see viewpoint_bin), scene_id, image_id (int64 (N,)),
     rotation (float (N, 9), cam_R_m2c), translation (float (N, 3)), visib_fract (float (N,)).
     """
-    import warnings
-
     if not 0 <= min_visibility <= 1:
         raise DataError(f"the minimum visibility must lie in [0, 1], got {min_visibility}")
     bop_split = {"train": train_split, "test": eval_split}.get(split, split)
@@ -450,7 +439,6 @@ def load_linemod(root, split="train", train_split=LINEMOD_TRAIN_SPLIT, eval_spli
     return ImageSet(c["images"], c["labels"], LINEMOD_NUM_OBJECTS, dict(c["factors"]))
 
 
-DATASETS["linemod"] = load_linemod
 # ----------------------------------------------------------------------------- 2D Sprites
 #
 # Reed et al. (2015), "Deep Visual Analogy-Making": game characters whose identity (the
@@ -529,7 +517,7 @@ def read_reed_character(path):
                 raise DataError(f"{path} holds no 'sprites' cell array (keys: {', '.join(f.keys())})")
             refs = np.asarray(f["sprites"][()]).ravel()
             if len(refs) < REED_ANIMATIONS:
-                raise DataError(f"{path}: 'sprites' has {len(refs)} animations, expected 21")
+                raise DataError(f"{path}: 'sprites' has {len(refs)} animations, expected at least {REED_ANIMATIONS}")
             for a in range(REED_ANIMATIONS):
                 x = np.asarray(f[refs[a]][()])
                 if x.ndim != 2 or n_pix not in x.shape:
@@ -628,7 +616,6 @@ def lpc_layer_files(sheet_dir):
 
 def read_lpc_sheet(path):
     """The 172 pose cells of one sheet, cut to 60 x 60: uint8 RGBA (172, 60, 60, 4)."""
-    from PIL import Image
 
     try:
         with Image.open(path) as im:
@@ -698,7 +685,6 @@ def render_sprites(sheet_dir, seed=SPRITES_SEED, identities=SPRITES_IDENTITIES,
     _, _, action, direction, frame = lpc_poses()
     n_poses = len(action)
     images = np.empty((n_ids, n_poses, 3, SPRITES_SIZE, SPRITES_SIZE), np.uint8)  # 1.25 GB for 672
-    from tqdm import tqdm
     for i in tqdm(range(0, n_ids, chunk), desc="rendering sprites", unit="chunk", leave=False):
         images[i:i + chunk] = composite(cells, variants[i:i + chunk], background)  # chunks bound memory
     out = {"images": torch.from_numpy(images.reshape(-1, 3, SPRITES_SIZE, SPRITES_SIZE)),
@@ -777,4 +763,5 @@ def load_rendered_sprites(sheet_dir, split="train", seed=None, identities=None, 
                     int(data["split_identities"][i]), factors)
 
 
-DATASETS["sprites"] = load_sprites
+# Every dataset by name: its loader (root, split, **options) -> ImageSet.
+DATASETS = {"mnist": load_mnist, "sprites": load_sprites, "linemod": load_linemod}
