@@ -76,6 +76,13 @@ def test_images_are_scaled_to_minus_one_one_and_sprites_area_resized():
     cfg = get_config("sprites", "authors")
     x = utils.model_images(u8, cfg)
     assert x.shape == (2, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    # output pixel i covers input pixels [1.875 i, 1.875 (i + 1)): pixel 1 is 0.125 of input 1, all of 2, 0.75 of 3
+    img = torch.randint(0, 256, (1, 3, 60, 60), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    scaled = img.float() / 127.5 - 1
+    w0, w1 = torch.tensor([1.0, 0.875]), torch.tensor([0.125, 1.0, 0.75])
+    out = utils.model_images(img, cfg)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.einsum("a,b,cab->c", w0, w0, scaled[0, :, :2, :2]) / 1.875 ** 2)
+    torch.testing.assert_close(out[0, :, 1, 1], torch.einsum("a,b,cab->c", w1, w1, scaled[0, :, 1:4, 1:4]) / 1.875 ** 2)
     # an area resize keeps a constant image constant and averages by covered share: 3 -> 2 pixels
     torch.testing.assert_close(utils.area_resize(torch.full((1, 1, 60, 60), 0.3), 32), torch.full((1, 1, 32, 32), 0.3))
     a = torch.tensor([[1.0, 4.0, 7.0], [0.0, 0.0, 0.0], [3.0, 3.0, 3.0]]).view(1, 1, 3, 3)
