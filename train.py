@@ -272,9 +272,6 @@ class AuthorsTrainer(Trainer):
     OPTIMIZERS = ("opt_gen", "opt_disc")
 
     def __init__(self, cfg, args, train_set, device, world=None):
-        if world is not None and world.distributed:
-            raise UserError("--recipe authors runs in one process (its discriminator update takes two "
-                            "forward passes, which DistributedDataParallel does not allow)")
         super().__init__(cfg, args, train_set, device, world)
         self.labels = conditioning_labels(train_set)[0].to(device)  # (N, number of labels)
 
@@ -512,6 +509,8 @@ def merge_resume_args(args, ckpt):
     """A resumed run keeps the checkpoint's hyper-parameters; only RESUMABLE ones may change."""
     saved = dict(ckpt["args"])
     defaults = vars(get_args_parser().parse_args([]))
+    for k, v in defaults.items():  # a checkpoint older than an option ran with its default (e.g. the recipe)
+        saved.setdefault(k, v)
     for k, v in vars(args).items():
         if v == defaults.get(k) and k != "resume":
             continue  # not given on this command line: keep the checkpoint's value
@@ -592,6 +591,9 @@ def run_training(args, ckpt, cfg, world, device):
     """The training run of main(), as one rank of `world`."""
     if ckpt is not None:
         check_world_size(ckpt, world)  # before anything is written
+    if args.recipe == "authors" and world.distributed:
+        raise UserError("--recipe authors runs in one process (its discriminator update takes two forward "
+                        "passes, which DistributedDataParallel does not allow)")
     train_set = load_dataset(args.dataset, args.data_root, "train", **dataset_options(args))
     if args.recipe == "authors" and ckpt is None:  # the discriminator's lookup tables: one per label
         cfg = replace(cfg, label_sizes=conditioning_labels(train_set)[1])

@@ -16,6 +16,7 @@ import tsne_plot
 import utils
 from conftest import ROOT, make_fake_mnist
 from data_loader import ImageSet, TripletSampler, conditioning_labels
+from distributed import World
 from networks import (AuthorsDecoder, AuthorsDiscriminator, AuthorsEncoder, LabelMaps, authors_kl, get_config,
                       reparameterize)
 from test_sprites import FAKE_VARIANTS, write_fake_lpc
@@ -258,6 +259,20 @@ def test_resume_is_exact_and_keeps_the_recipe(fake_mnist, tmp_path):
         run(["--resume", str(tmp_path / "b" / "checkpoints" / "last.pt"), "--max-steps", "7", "--lr-gen", "0.001"])
 
 
+def test_a_checkpoint_from_before_the_recipes_resumes_as_reference(fake_mnist, tmp_path):
+    argv = ["--data-root", fake_mnist, "--run-dir", str(tmp_path), "--batch-size", "8"]
+    run(argv + ["--max-steps", "1"])
+    path = tmp_path / "checkpoints" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["args"]["recipe"] == "reference" and ckpt["args"]["batch_size"] == 8
+    for k in ["recipe", *train.AUTHORS_ONLY]:  # what a checkpoint written before --recipe lacks
+        del ckpt["args"][k]
+    torch.save(ckpt, path)
+    assert run(["--resume", str(path), "--max-steps", "2"]) == 0
+    again = torch.load(path, weights_only=True)
+    assert again["step"] == 2 and again["args"]["recipe"] == "reference" and "opt_ae" in again
+
+
 def test_flags_of_the_other_recipe_are_refused(fake_mnist, tmp_path):
     with pytest.raises(train.UserError, match="--disc-gate belongs to the other recipe"):
         run(common(fake_mnist, tmp_path) + ["--disc-gate", "0.5", "--max-steps", "1"])
@@ -266,6 +281,10 @@ def test_flags_of_the_other_recipe_are_refused(fake_mnist, tmp_path):
     with pytest.raises(train.UserError, match="ported for mnist and sprites"):
         run(common(fake_mnist, tmp_path) + ["--dataset", "linemod", "--max-steps", "1"])
     assert not os.path.exists(tmp_path / "config.json")
+    args = train.get_args_parser().parse_args(common(fake_mnist, tmp_path / "ddp") + ["--batch-size", "4"])
+    with pytest.raises(train.UserError, match="runs in one process"):  # as one of two torchrun processes
+        train.run_training(args, None, get_config("mnist", "authors"), World(rank=0, size=2), torch.device("cpu"))
+    assert not os.path.exists(tmp_path / "ddp")
 
 
 def test_train_main_runs_the_authors_recipe_on_sprites(fake_lpc, tmp_path):
