@@ -3,7 +3,9 @@ representations using adversarial training".
 
 One iteration = one reconstruction update, `--gen-steps` (2) generator updates and
 `--disc-steps` (1) discriminator updates, the discriminator stepping only when its
-accuracy on the batch is below `--disc-gate` (0.8).
+accuracy on the batch is below `--disc-gate` (0.8). With `--recipe authors` an iteration is
+instead the paper authors' own recipe (authors_iteration): one encoder/decoder update and one
+discriminator update on a triplet batch.
 
     python train.py --dataset mnist --data-root ../shared/data --run-dir runs/mnist
     python train.py --resume runs/mnist/checkpoints/last.pt
