@@ -145,8 +145,8 @@ def main(args):
 
     # z and s of every image; eps of --z-source sample from one seeded generator
     g = torch.Generator().manual_seed(args.seed)
-    z_fit, s_fit = encode_dataset(encoder, fit_set.images, z_source=args.z_source, generator=g)
-    z_test, s_test = encode_dataset(encoder, test_set.images, z_source=args.z_source, generator=g)
+    z_fit, s_fit = encode_dataset(encoder, fit_set.images, z_source=args.z_source, generator=g, cfg=cfg)
+    z_test, s_test = encode_dataset(encoder, test_set.images, z_source=args.z_source, generator=g, cfg=cfg)
     codes = {"z": (z_fit, z_test), "s": (s_fit, s_test)}
 
     targets = {"class": (fit_set.labels, test_set.labels)}
@@ -173,9 +173,9 @@ def main(args):
         fit_y, test_y, k = dense_labels(fit_set.labels, test_set.labels)
         judge = train_image_classifier(fit_set.images, fit_y, k, cfg, args.seed, args.swap_train_steps,
                                        device=device)
-        sw = swap_accuracy(encoder, decoder, judge, test_set.images, test_y, args.swap_pairs, args.seed)
+        sw = swap_accuracy(encoder, decoder, judge, test_set.images, test_y, args.swap_pairs, args.seed, cfg=cfg)
         classes = torch.unique(torch.cat([fit_set.labels, test_set.labels]))  # dense label -> class
-        res["swap"] = {"judge_test": pc(accuracy(judge, test_set.images, test_y)),
+        res["swap"] = {"judge_test": pc(accuracy(judge, test_set.images, test_y, cfg=cfg)),
                        "swap": pc(sw["swap"]), "prior": pc(sw["prior"]),
                        "style_leak": None if sw["style_leak"] != sw["style_leak"] else pc(sw["style_leak"]),
                        "pairs": sw["pairs"],

@@ -182,6 +182,58 @@ class PairSampler:
             self.partner = state["partner"].to(self.device)
 
 
+class TripletSampler:
+    """The authors' batches: for each row a class drawn uniformly (not by its share of the
+    images), x1 and x2 two independent uniform draws of that class, and x3 a uniform draw of a
+    second, independently drawn class (which may be the same one).
+
+    Every draw comes from one seeded torch.Generator whose state round-trips through
+    state_dict(), so a resumed run draws exactly the triplets an uninterrupted one would.
+    """
+
+    def __init__(self, labels, seed, device="cpu"):
+        labels = labels.to(device)
+        self.device = torch.device(device)
+        self.order = torch.argsort(labels, stable=True)       # indices grouped by class
+        self.counts = torch.bincount(labels)
+        self.starts = torch.cumsum(self.counts, 0) - self.counts
+        self.classes = torch.nonzero(self.counts).squeeze(1)  # classes that have images
+        self.gen = torch.Generator(device=self.device)
+        self.gen.manual_seed(seed)
+
+    def draw(self, c):
+        """A uniformly drawn image index of each class in c."""
+        u = torch.rand(len(c), generator=self.gen, device=self.device)
+        off = torch.minimum((u * self.counts[c]).long(), self.counts[c] - 1)
+        return self.order[self.starts[c] + off]
+
+    def triplets(self, batch_size):
+        pick = torch.randint(len(self.classes), (2, batch_size), generator=self.gen, device=self.device)
+        c12, c3 = self.classes[pick]
+        return self.draw(c12), self.draw(c12), self.draw(c3)
+
+    def state_dict(self):
+        return {"gen": self.gen.get_state()}
+
+    def load_state_dict(self, state, reseed=None):
+        """As PairSampler.load_state_dict: `reseed` seeds the generator instead (another device type)."""
+        if reseed is None:
+            self.gen.set_state(state["gen"])
+        else:
+            self.gen.manual_seed(reseed)
+
+
+def conditioning_labels(image_set):
+    """The labels the authors' discriminator is conditioned on, (N, number of labels), and how
+    many values each takes: the layer variants where the set has them (rendered Sprites: body,
+    shoes, ... as their Sprites labels were per attribute), else the class alone."""
+    names = [n for n in SPRITES_LAYERS if n in image_set.factors]
+    if len(names) < len(SPRITES_LAYERS):
+        return image_set.labels.unsqueeze(1), (image_set.num_classes,)
+    labels = torch.stack([image_set.factors[n] for n in names], 1)
+    return labels, tuple(int(v) + 1 for v in labels.max(0).values)
+
+
 # ----------------------------------------------------------------------------- LINEMOD (BOP layout)
 #
 # LINEMOD (Hinterstoisser et al. 2012) as the BOP benchmark distributes it:

@@ -3,7 +3,9 @@ representations using adversarial training".
 
 One iteration = one reconstruction update, `--gen-steps` (2) generator updates and
 `--disc-steps` (1) discriminator updates, the discriminator stepping only when its
-accuracy on the batch is below `--disc-gate` (0.8).
+accuracy on the batch is below `--disc-gate` (0.8). With `--recipe authors` an iteration is
+instead the paper authors' own recipe (authors_iteration): one encoder/decoder update and one
+discriminator update on a triplet batch.
 
     python train.py --dataset mnist --data-root ../shared/data --run-dir runs/mnist
     python train.py --resume runs/mnist/checkpoints/last.pt
@@ -17,6 +19,7 @@ import signal
 import sys
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -27,16 +30,25 @@ from tensorboardX.proto.summary_pb2 import Summary
 from tqdm import tqdm
 
 from data_loader import (LINEMOD_EVAL_SPLIT, LINEMOD_MIN_VISIBILITY, LINEMOD_TRAIN_SPLIT, PairSampler,
-                         dataset_options, default_data_root, load_dataset)
+                         TripletSampler, conditioning_labels, dataset_options, default_data_root, load_dataset)
 from distributed import World, rank_seed, setup_distributed
-from networks import CONFIGS, Decoder, Discriminator, Encoder, ModelConfig, get_config, kl_divergence, reparameterize
+from networks import (AUTHORS_CONFIGS, CONFIGS, authors_kl, config_from_dict, get_config, kl_divergence,
+                      network_classes, reparameterize)
 from utils import (CHECKPOINT_FORMAT, CheckpointError, HelpFormatter, UserError, WriteError, atomic_save,
-                   atomic_write, library_versions, load_checkpoint, load_state, rng_state, run_cli, save_grid_png,
-                   seed_everything, set_rng_state, swap_grid, to_float, writing)
+                   atomic_write, display_images, library_versions, load_checkpoint, load_state, model_images,
+                   rng_state, run_cli, save_grid_png, seed_everything, set_rng_state, swap_grid, to_float, writing)
 
 METRICS = ["recon_loss", "kl", "gen_loss", "disc_loss", "disc_acc"]
+AUTHORS_METRICS = ["recon_loss", "swap_loss", "kl", "gen_loss", "disc_loss", "disc_acc"]
 TB_TAGS = {"recon_loss": "losses/reconstruction", "kl": "losses/kl", "gen_loss": "losses/generator",
-           "disc_loss": "losses/discriminator", "disc_acc": "charts/discriminator_accuracy"}
+           "disc_loss": "losses/discriminator", "disc_acc": "charts/discriminator_accuracy",
+           "swap_loss": "losses/swap"}
+RECIPES = ("reference", "authors")
+BATCH_SIZE = {"reference": 64, "authors": 16}  # --batch-size default of each recipe
+KL_WEIGHT = {"reference": 1.0, "authors": 0.1}  # --kl-weight default of each recipe
+# Flags that only one recipe reads: giving one to the other recipe is an error, not a silent no-op.
+REFERENCE_ONLY = ("lr", "gen_steps", "disc_steps", "disc_gate", "pairs", "disc_fakes")
+AUTHORS_ONLY = ("lr_gen", "lr_disc", "nf", "rec_weight", "swap_weight", "adv_weight", "real_target")
 # Arguments a resumed run may change; all others are taken from the checkpoint.
 RESUMABLE = {"resume", "run_dir", "data_root", "epochs", "max_steps", "device", "checkpoint_every",
              "keep_checkpoints", "log_every", "sample_every", "progress", "overwrite", "compile", "amp",
@@ -56,31 +68,37 @@ def get_args_parser():
     data.add_argument("--data-root", default=None,
                       help="data folder (default: $DISENTANGLE_DATA_ROOT, else ./data)")
     model = p.add_argument_group("model")
+    model.add_argument("--recipe", default="reference", choices=RECIPES,
+                       help="reference: the PyTorch reference implementation's networks, losses and schedule; "
+                            "authors: the paper authors' own Torch recipe (MNIST and Sprites; see docs/authors.md)")
     model.add_argument("--style-dim", type=int, default=None, help="size of z (default: the dataset config's)")
     model.add_argument("--class-dim", type=int, default=None, help="size of s (default: the dataset config's)")
     sched = p.add_argument_group("schedule and optimisation")
     sched.add_argument("--epochs", type=int, default=50, help="epochs of floor(N / batch) iterations")
     sched.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in all")
-    sched.add_argument("--batch-size", type=int, default=64,
-                       help="images per batch of each process; under torchrun the global batch is this x WORLD_SIZE")
-    sched.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of all three optimisers")
-    sched.add_argument("--beta1", type=float, default=0.5)
-    sched.add_argument("--beta2", type=float, default=0.999)
-    sched.add_argument("--gen-steps", type=int, default=2, help="generator updates per iteration")
-    sched.add_argument("--disc-steps", type=int, default=1, help="discriminator updates per iteration")
-    sched.add_argument("--disc-gate", type=float, default=0.8,
-                       help="the discriminator steps only when its batch accuracy is below this")
-    sched.add_argument("--pairs", default="fresh", choices=["fresh", "frozen"],
-                       help="fresh: a new order and new partners every epoch; frozen: the reference's stream "
-                            "(one order and one partner per image drawn at the start, replayed every epoch)")
-    sched.add_argument("--disc-fakes", default="posterior", choices=["posterior", "posterior+prior"],
-                       help="fake pairs of the discriminator update: posterior = (x3, dec(mu1, s3)) only, the "
-                            "reference's; posterior+prior = also (x3, dec(z ~ N(0, I), s3)), one more cross-entropy "
-                            "term, and the --disc-gate accuracy is then over all its 3B pairs (B real, 2B fake)")
-    sched.add_argument("--kl-weight", type=float, default=1.0,
-                       help="multiplies the KL term of the reconstruction and generator updates; the reference's KL "
-                            "(weight 1) is summed over the code and divided by batch x pixels, the MSE's per-pixel scale")
+    sched.add_argument("--batch-size", type=int, default=None,
+                       help="images per batch of each process (default: 64 reference, 16 authors' triplets); "
+                            "under torchrun the global batch is this x WORLD_SIZE")
+    sched.add_argument("--beta1", type=float, default=0.5, help="Adam beta1 (both recipes)")
+    sched.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 (both recipes)")
+    sched.add_argument("--kl-weight", type=float, default=None,
+                       help="multiplies the KL term (default: 1 reference, 0.1 authors). The reference's KL is "
+                            "summed over the code and divided by batch x pixels, the MSE's per-pixel scale; the "
+                            "authors' is multiplied by 6 / pixels")
     sched.add_argument("--seed", type=int, default=0)
+    sched.add_argument("--lr", type=float, default=1e-4, help="reference recipe: Adam learning rate of all three optimisers")
+    sched.add_argument("--gen-steps", type=int, default=2, help="reference recipe: generator updates per iteration")
+    sched.add_argument("--disc-steps", type=int, default=1, help="reference recipe: discriminator updates per iteration")
+    sched.add_argument("--disc-gate", type=float, default=0.8,
+                       help="reference recipe: the discriminator steps only when its batch accuracy is below this")
+    sched.add_argument("--pairs", default="fresh", choices=["fresh", "frozen"],
+                       help="reference recipe: fresh = a new order and new partners every epoch; frozen = the "
+                            "reference's stream (one order and one partner per image drawn at the start, replayed "
+                            "every epoch)")
+    sched.add_argument("--disc-fakes", default="posterior", choices=["posterior", "posterior+prior"],
+                       help="reference recipe: fake pairs of the discriminator update: posterior = (x3, dec(mu1, s3)) "
+                            "only, the reference's; posterior+prior = also (x3, dec(z ~ N(0, I), s3)), one more "
+                            "cross-entropy term, and the --disc-gate accuracy is then over all its 3B pairs")
     run = p.add_argument_group("run and checkpoints")
     run.add_argument("--run-dir", default=None,
                      help="output folder (default: runs/{dataset}__z{Z}_s{S}__seed{SEED}__{time})")
@@ -103,6 +121,17 @@ def get_args_parser():
                        help="bf16 autocast for the forward passes")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                        help="channels-last memory format (opt-in: no GPU measurement has shown a gain yet)")
+    au = p.add_argument_group("the authors' recipe (--recipe authors): one generator and one discriminator "
+                              "update per iteration; defaults are their train.lua's")
+    au.add_argument("--lr-gen", type=float, default=0.01, help="Adam learning rate of encoder and decoder")
+    au.add_argument("--lr-disc", type=float, default=0.01, help="SGD learning rate of the discriminator")
+    au.add_argument("--nf", type=int, default=None, help="feature planes of the first layer (default: 16)")
+    au.add_argument("--rec-weight", type=float, default=0.5, help="weight of MSE(dec(z_i, s_i), x_i), i = 1, 2, 3")
+    au.add_argument("--swap-weight", type=float, default=1.0,
+                    help="weight of MSE(dec(z1, s2), x1) and MSE(dec(z2, s1), x2), same-class swaps")
+    au.add_argument("--adv-weight", type=float, default=0.01,
+                    help="weight of the adversarial term on dec(z3, s2) and dec(z2, s3)")
+    au.add_argument("--real-target", type=float, default=0.95, help="BCE target of 'real' (one-sided label smoothing)")
     lm = p.add_argument_group("LINEMOD (BOP layout <data-root>/lm/<split>/)")
     lm.add_argument("--linemod-train-split", default=LINEMOD_TRAIN_SPLIT,
                     help="BOP split trained on (train_pbr: PBR renders; train: BOP'18 renders; test: real photos)")
@@ -116,20 +145,43 @@ def get_args_parser():
 
 def check_args(args):
     """Reject impossible arguments with one clear line."""
-    for name in ("epochs", "batch_size", "gen_steps", "disc_steps", "log_every", "sample_every"):
+    for name in ("epochs", "gen_steps", "disc_steps", "log_every", "sample_every"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ("max_steps", "style_dim", "class_dim", "checkpoint_every"):
+    for name in ("max_steps", "batch_size", "style_dim", "class_dim", "checkpoint_every", "nf"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.keep_checkpoints < 0:
         raise UserError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if not 0.0 <= args.disc_gate <= 1.0:
         raise UserError(f"--disc-gate must lie in [0, 1], got {args.disc_gate}")
-    if args.kl_weight < 0:
+    if args.kl_weight is not None and args.kl_weight < 0:
         raise UserError(f"--kl-weight must be >= 0, got {args.kl_weight}")
     if args.lr <= 0 or not (0 <= args.beta1 < 1 and 0 <= args.beta2 < 1):
         raise UserError("--lr must be positive and --beta1/--beta2 in [0, 1)")
+    if args.lr_gen <= 0 or args.lr_disc <= 0 or not 0 < args.real_target <= 1:
+        raise UserError("--lr-gen and --lr-disc must be positive and --real-target in (0, 1]")
+
+
+def check_recipe_args(args):
+    """Flags of the other recipe left at their defaults, a dataset the recipe has (after resume's merge)."""
+    defaults = vars(get_args_parser().parse_args([]))
+    other = AUTHORS_ONLY if args.recipe == "reference" else REFERENCE_ONLY
+    given = [k for k in other if getattr(args, k, defaults[k]) != defaults[k]]
+    if given:
+        flag = f"--{given[0].replace('_', '-')}"
+        raise UserError(f"{flag} belongs to the other recipe: it does nothing with --recipe {args.recipe}")
+    if args.recipe == "authors" and args.dataset not in AUTHORS_CONFIGS:
+        raise UserError(f"the authors' recipe is ported for {' and '.join(sorted(AUTHORS_CONFIGS))}, "
+                        f"not {args.dataset}")
+
+
+def fill_recipe_defaults(args):
+    """The defaults that depend on the recipe (--batch-size, --kl-weight), where not given."""
+    if args.batch_size is None:
+        args.batch_size = BATCH_SIZE[args.recipe]
+    if args.kl_weight is None:
+        args.kl_weight = KL_WEIGHT[args.recipe]
 
 
 # ----------------------------------------------------------------------------- the model state
@@ -137,25 +189,21 @@ def check_args(args):
 class Trainer:
     """Networks, optimisers, pair sampler and noise generator of one run: what a checkpoint holds."""
 
+    OPTIMIZERS = ("opt_ae", "opt_gen", "opt_disc")
+
     def __init__(self, cfg, args, train_set, device, world=None):
+        fill_recipe_defaults(args)
         self.cfg, self.args, self.device = cfg, args, device
         self.world = world or World()
-        self.encoder, self.decoder, self.discriminator = (
-            Encoder(cfg).to(device), Decoder(cfg).to(device), Discriminator(cfg).to(device))
+        self.encoder, self.decoder, self.discriminator = (net(cfg).to(device) for net in network_classes(cfg))
         # Opt-in everywhere: group norm returns contiguous tensors, so each norm layer would pay two
         # layout conversions, and the few-channel first layers gain nothing.
         self.channels_last = bool(args.channels_last)
         if self.channels_last:
             for net in self.nets():
                 net.to(memory_format=torch.channels_last)
-        # Reconstruction and generator updates share the encoder/decoder parameters but, as in
-        # the reference, keep separate Adam states.
-        ae_params = list(self.encoder.parameters()) + list(self.decoder.parameters())
-        adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))
-        self.ae_params = ae_params
-        self.opt_ae = torch.optim.Adam(ae_params, **adam)
-        self.opt_gen = torch.optim.Adam(ae_params, **adam)
-        self.opt_disc = torch.optim.Adam(self.discriminator.parameters(), **adam)
+        self.ae_params = list(self.encoder.parameters()) + list(self.decoder.parameters())
+        self.make_optimizers(args)
         # Callables used in the hot loop: compiled if asked, the plain modules otherwise.
         self.enc, self.dec, self.disc = self.nets()
         if args.compile:
@@ -169,13 +217,24 @@ class Trainer:
                 self.enc, self.dec, self.disc = (torch.compile(n) for n in (self.enc, self.dec, self.disc))
         self.images = train_set.images.to(device)  # the whole set, uint8, on the training device
         seed = rank_seed(args.seed, self.world.rank)  # each rank its own pairs and noise; rank 0: args.seed
-        self.sampler = PairSampler(train_set.labels, seed, device, frozen=args.pairs == "frozen")
+        self.sampler = self.make_sampler(train_set, seed, device)
         self.noise = torch.Generator(device=device)  # eps of the reparameterisation, z ~ N(0, I)
         self.noise.manual_seed(seed + 1)
         self.rank_streams = None  # every rank's sampler/noise states, gathered for rank 0's checkpoint
         self.reseeded_from = None  # the device type of a checkpoint whose streams could not carry over
         self.n_pixels = cfg.channels * cfg.image_size * cfg.image_size
         self.skipped_updates = 0
+
+    def make_optimizers(self, args):
+        # Reconstruction and generator updates share the encoder/decoder parameters but, as in
+        # the reference, keep separate Adam states.
+        adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))
+        self.opt_ae = torch.optim.Adam(self.ae_params, **adam)
+        self.opt_gen = torch.optim.Adam(self.ae_params, **adam)
+        self.opt_disc = torch.optim.Adam(self.discriminator.parameters(), **adam)
+
+    def make_sampler(self, train_set, seed, device):
+        return PairSampler(train_set.labels, seed, device, frozen=self.args.pairs == "frozen")
 
     def nets(self):
         return self.encoder, self.decoder, self.discriminator
@@ -203,8 +262,8 @@ class Trainer:
 
     def state_dict(self):
         return {"encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
-                "discriminator": self.discriminator.state_dict(), "opt_ae": self.opt_ae.state_dict(),
-                "opt_gen": self.opt_gen.state_dict(), "opt_disc": self.opt_disc.state_dict(),
+                "discriminator": self.discriminator.state_dict(),
+                **{name: getattr(self, name).state_dict() for name in self.OPTIMIZERS},
                 "sampler": self.sampler.state_dict(), "noise": self.noise.get_state(),
                 "stream_device": self.device.type, "world_size": self.world.size,
                 **({"rank_streams": self.rank_streams} if self.world.distributed else {})}
@@ -243,17 +302,43 @@ class Trainer:
 
     def load_state_dict(self, ckpt):
         path = ckpt.get("path")
-        for name in ("discriminator", "opt_ae", "opt_gen", "opt_disc", "sampler", "noise"):
+        for name in ("discriminator", *self.OPTIMIZERS, "sampler", "noise"):
             if name not in ckpt:
                 raise CheckpointError(f"'{path}' lacks '{name}': it cannot resume training")
         for name, net in zip(("encoder", "decoder", "discriminator"), self.nets()):
             load_state(net, ckpt[name], name, path)
         try:
-            for name in ("opt_ae", "opt_gen", "opt_disc"):
+            for name in self.OPTIMIZERS:
                 getattr(self, name).load_state_dict(ckpt[name])
             self.load_streams(ckpt["sampler"], ckpt["noise"], ckpt.get("stream_device"), int(ckpt.get("step", 0)))
         except (ValueError, RuntimeError, KeyError) as e:
             raise CheckpointError(f"'{path}' does not match this run's optimiser/sampler: {e}") from None
+
+
+class AuthorsTrainer(Trainer):
+    """The authors' recipe: their networks, triplet batches with labels, one Adam optimiser for
+    encoder and decoder and plain SGD for the discriminator."""
+
+    OPTIMIZERS = ("opt_gen", "opt_disc")
+
+    def __init__(self, cfg, args, train_set, device, world=None):
+        super().__init__(cfg, args, train_set, device, world)
+        self.labels = conditioning_labels(train_set)[0].to(device)  # (N, number of labels)
+
+    def make_optimizers(self, args):
+        self.opt_gen = torch.optim.Adam(self.ae_params, lr=args.lr_gen, betas=(args.beta1, args.beta2))
+        self.opt_disc = torch.optim.SGD(self.discriminator.parameters(), lr=args.lr_disc)
+
+    def make_sampler(self, train_set, seed, device):
+        return TripletSampler(train_set.labels, seed, device)
+
+    def batch(self, idx):
+        x = model_images(self.images[idx], self.cfg)  # [-1, 1], resized on the device where needed
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def make_trainer(cfg, args, train_set, device, world=None):
+    return (AuthorsTrainer if args.recipe == "authors" else Trainer)(cfg, args, train_set, device, world)
 
 
 def check_world_size(ckpt, world):
@@ -364,14 +449,67 @@ def train_iteration(t):
     return metrics
 
 
+# ----------------------------------------------------------------------------- the authors' recipe
+
+def authors_index(B, device):
+    """Rows of the encoder's 3B codes (x1 ; x2 ; x3) that make the decoder's 7B inputs:
+    z1 z2 z3 | z1 z2 | z3 z2 for z, and s1 s2 s3 | s2 s1 | s2 s3 for s."""
+    rows = torch.arange(3 * B, device=device).view(3, B)  # rows[i]: the codes of x_{i+1}
+    return rows[[0, 1, 2, 0, 1, 2, 1]].flatten(), rows[[0, 1, 2, 1, 0, 1, 2]].flatten()
+
+
+def authors_iteration(t):
+    """One iteration of the authors' recipe: one encoder/decoder update, then one discriminator update
+    (1:1, no gate), on one triplet batch: x1, x2 of one class, x3 of another drawn class, c their labels.
+
+    Encoder+decoder minimise, with every z drawn afresh from q(z|x) for each decode,
+      rec_weight  * MSE(dec(z_i, s_i), x_i) over i = 1, 2, 3
+    + swap_weight * MSE((dec(z1, s2), dec(z2, s1)), (x1, x2))
+    + adv_weight  * BCE(D(dec(z3, s2), c2) and D(dec(z2, s3), c3), real_target)
+    + kl_weight * 6 / (C H W) * KL over the 3B images (authors_kl).
+    The discriminator then minimises BCE(D(x2, c2) and D(x3, c3), real_target) + BCE(D(fakes), 0) on the
+    same generated images (made before the encoder/decoder step), by SGD."""
+    a, cfg, B = t.args, t.cfg, t.args.batch_size
+    i1, i2, i3 = t.sampler.triplets(B)
+    x = t.batch(torch.cat([i1, i2, i3]))                    # (3B, C, H, W) in [-1, 1]
+    c23 = t.labels[torch.cat([i2, i3])]                     # (2B, number of labels)
+    z_rows, s_rows = authors_index(B, x.device)
+    with t.autocast():
+        mu, v, s = t.enc(x)                                 # batch norm over the 3B images, as theirs
+        mu, v = mu.float(), v.float()
+        z = reparameterize(mu[z_rows], v[z_rows], t.randn(7 * B))
+        y = t.dec(z, s[s_rows]).float()                     # rec (3B) ; swaps (2B) ; cross-class (2B)
+        fake = y[5 * B:]                                    # dec(z3, s2) ; dec(z2, s3)
+        adv_logits = t.disc_local(fake.to(x.dtype), c23).float()
+    rec = F.mse_loss(y[:3 * B], x)
+    swap = F.mse_loss(y[3 * B:5 * B], x[:2 * B])
+    adv = F.binary_cross_entropy_with_logits(adv_logits, torch.full_like(adv_logits, a.real_target))
+    kl = authors_kl(mu, v)
+    kl_scale = 6 / (cfg.channels * cfg.image_size * cfg.image_size)
+    loss = a.rec_weight * rec + a.swap_weight * swap + a.adv_weight * adv + a.kl_weight * kl_scale * kl
+    t.update(t.opt_gen, loss, inputs=t.ae_params)  # the discriminator's weights are not this update's
+
+    # Discriminator: real images with their labels against the generated ones, as two batches
+    # (their batch norm saw real and generated images apart); the generated images are constants.
+    with t.autocast():
+        real_logits = t.disc(x[B:], c23).float()
+        fake_logits = t.disc(fake.detach().to(x.dtype), c23).float()
+    d_loss = (F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, a.real_target))
+              + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
+    t.update(t.opt_disc, d_loss)
+    d_acc = torch.cat([real_logits > 0, fake_logits < 0]).float().mean()
+    values = torch.stack([rec, swap, kl, adv, d_loss, d_acc]).detach().tolist()  # the one host read
+    return {**dict(zip(AUTHORS_METRICS, values)), "disc_stepped": 1}
+
+
 # ----------------------------------------------------------------------------- run directory
 
 class MetricsLog:
     """Per-iteration CSV and TensorBoard curves that stay continuous across resumes."""
 
-    FIELDS = ["step", "epoch"] + METRICS + ["disc_stepped"]
-
-    def __init__(self, run_dir, start_step):
+    def __init__(self, run_dir, start_step, metrics=METRICS):
+        self.metrics = metrics
+        self.fields = ["step", "epoch"] + metrics + ["disc_stepped"]
         self.path = os.path.join(run_dir, "metrics.csv")
         self.tb_path = os.path.join(run_dir, "tb")
         if start_step > 0 and os.path.exists(self.path):
@@ -381,7 +519,7 @@ class MetricsLog:
             self.file = open(self.path, "a", newline="")
             self.csv = csv.writer(self.file)
             if fresh:
-                self.csv.writerow(self.FIELDS)
+                self.csv.writerow(self.fields)
         # Events are written synchronously (tensorboardX's SummaryWriter queues them to a thread whose
         # flush does not drain the queue, so a kill -9 could lose events older than the checkpoint).
         with self.writing_tb():
@@ -401,17 +539,17 @@ class MetricsLog:
         """Keep the rows up to the checkpoint's step; drop later ones and any half-written line."""
         with open(self.path, newline="") as f:
             rows = [r for r in csv.reader(f)]
-        keep = [rows[0]] + [r for r in rows[1:] if len(r) == len(self.FIELDS) and r[0].isdigit()
+        keep = [rows[0]] + [r for r in rows[1:] if len(r) == len(self.fields) and r[0].isdigit()
                             and int(r[0]) <= start_step]
         with atomic_write(self.path, "the metrics", "w", newline="") as f:
             csv.writer(f).writerows(keep)
 
     def write(self, step, epoch, m):
         with self.writing_csv():
-            self.csv.writerow([step, epoch] + [f"{m[k]:.6g}" for k in METRICS] + [m["disc_stepped"]])
+            self.csv.writerow([step, epoch] + [f"{m[k]:.6g}" for k in self.metrics] + [m["disc_stepped"]])
         with self.writing_tb():
             self.tb.write_event(Event(wall_time=time.time(), step=step, summary=Summary(
-                value=[Summary.Value(tag=tag, simple_value=m[k]) for k, tag in TB_TAGS.items()])))
+                value=[Summary.Value(tag=TB_TAGS[k], simple_value=m[k]) for k in self.metrics])))
 
     def flush(self):
         with self.writing_csv():
@@ -521,14 +659,15 @@ def write_failure(e, last_good, world):
                       f"is space, continue with: {launcher} --resume {last_good['path']}")
 
 
-def fixed_grid_batch(args, n=8):
-    """n images for the swap grids, from the test split where there is one, chosen by the seed."""
+def fixed_grid_batch(args, n=8, cfg=None):
+    """n images for the swap grids, from the test split where there is one, chosen by the seed,
+    as the networks of `cfg` take them."""
     try:
         data = load_dataset(args.dataset, args.data_root, "test", **dataset_options(args))
     except UserError:
         data = load_dataset(args.dataset, args.data_root, "train", **dataset_options(args))
     g = torch.Generator().manual_seed(args.seed)
-    return to_float(data.images[torch.randperm(len(data), generator=g)[:n]])
+    return model_images(data.images[torch.randperm(len(data), generator=g)[:n]], cfg)
 
 
 class NullSink:
@@ -545,10 +684,13 @@ def main(args):
     ckpt = load_checkpoint(args.resume, resuming=True) if args.resume else None
     if ckpt is not None:
         args = merge_resume_args(args, ckpt)
+    check_recipe_args(args)
+    fill_recipe_defaults(args)
     if ckpt is not None:  # the checkpoint's own model config is the truth for a resumed run
-        cfg = ModelConfig.from_dict(ckpt["model_config"])
+        cfg = config_from_dict(ckpt["model_config"])
     else:
-        cfg = get_config(args.dataset, style_dim=args.style_dim, class_dim=args.class_dim)
+        cfg = get_config(args.dataset, args.recipe, style_dim=args.style_dim, class_dim=args.class_dim,
+                         **({"nf": args.nf} if args.recipe == "authors" else {}))
     args.style_dim, args.class_dim = cfg.style_dim, cfg.class_dim
     args.data_root = args.data_root or default_data_root()
     args.run_dir = args.run_dir or default_run_dir(args)
@@ -563,18 +705,23 @@ def run_training(args, ckpt, cfg, world, device):
     """The training run of main(), as one rank of `world`."""
     if ckpt is not None:
         check_world_size(ckpt, world)  # before anything is written
+    if args.recipe == "authors" and world.distributed:
+        raise UserError("--recipe authors runs in one process (its discriminator update takes two forward "
+                        "passes, which DistributedDataParallel does not allow)")
     # Rank 0 prepares the data (a first download, render or crop) while the other ranks wait, then
     # they load what it wrote: concurrent downloads into one folder could leave half-written files.
     train_set = world.main_first(lambda: load_dataset(args.dataset, args.data_root, "train",
                                                       **dataset_options(args)))
     n_train = len(train_set)
+    if args.recipe == "authors" and ckpt is None:  # the discriminator's lookup tables: one per label
+        cfg = replace(cfg, label_sizes=conditioning_labels(train_set)[1])
     if args.batch_size > len(train_set):
         raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images)")
     # An epoch is N images seen over all ranks: floor(N / global batch) iterations.
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * world.size))
     total = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     ckpt_every = args.checkpoint_every or steps_per_epoch
-    grid_x = fixed_grid_batch(args).to(device) if world.is_main else None
+    grid_x = fixed_grid_batch(args, cfg=cfg).to(device) if world.is_main else None
 
     last_good = {"path": ckpt["path"], "step": int(ckpt["step"])} if ckpt is not None else {}
 
@@ -587,7 +734,7 @@ def run_training(args, ckpt, cfg, world, device):
     # Rank 0 makes the run directory (its run name, its time stamp) while the other ranks wait.
     run_dir = args.run_dir = world.on_main(prepare)
     seed_everything(args.seed)
-    t = Trainer(cfg, args, train_set, device, world)
+    t = make_trainer(cfg, args, train_set, device, world)
     del train_set  # off the CPU, training reads the device copy: free the host one (~0.9 GB for Sprites)
     step = 0
     if ckpt is not None:
@@ -644,7 +791,8 @@ def run_training(args, ckpt, cfg, world, device):
     def log(msg, console=True):
         write(log_line, msg, console)
 
-    log(f"{'resuming' if ckpt else 'training'} {args.dataset} (z={cfg.style_dim}, s={cfg.class_dim}) on {device}: "
+    log(f"{'resuming' if ckpt else 'training'} {args.dataset}, {args.recipe} recipe "
+        f"(z={cfg.style_dim}, s={cfg.class_dim}) on {device}: "
         f"step {step} -> {total}, {steps_per_epoch} iterations per epoch, run dir {run_dir}"
         + (f"; {world.size} processes x batch {args.batch_size}" if world.distributed else ""))
     if t.reseeded_from:
@@ -653,7 +801,9 @@ def run_training(args, ckpt, cfg, world, device):
     warning = amp_warning(args, device)
     if warning:
         log(warning)
-    metrics_log = write(MetricsLog, run_dir, step) or NullSink()
+    metric_names = AUTHORS_METRICS if args.recipe == "authors" else METRICS
+    iteration = authors_iteration if args.recipe == "authors" else train_iteration
+    metrics_log = write(MetricsLog, run_dir, step, metric_names) or NullSink()
 
     # Ctrl-C / SIGTERM: finish the current iteration, save a checkpoint, exit cleanly.
     stop = {}
@@ -671,8 +821,10 @@ def run_training(args, ckpt, cfg, world, device):
         return write(save, periodic)
 
     def sample():
-        save_grid_png(swap_grid(t.encoder, t.decoder, grid_x, grid_x),
-                      os.path.join(run_dir, "samples", f"swap_{step:07d}.png"))
+        t.encoder.eval(), t.decoder.eval()  # the authors' batch norm: running statistics, none updated
+        grid = swap_grid(t.encoder, t.decoder, grid_x, grid_x)
+        t.encoder.train(), t.decoder.train()
+        save_grid_png(display_images(grid, cfg), os.path.join(run_dir, "samples", f"swap_{step:07d}.png"))
 
     bar = tqdm(total=total, initial=step, disable=not args.progress or not world.is_main, unit="it",
                dynamic_ncols=True)
@@ -681,10 +833,10 @@ def run_training(args, ckpt, cfg, world, device):
         if step == 0:
             write(sample)
         while step < total:
-            m = train_iteration(t)
+            m = iteration(t)
             end_if_failed()  # under torchrun: rank 0 failed to write before this iteration's average()
             step += 1
-            bad = [k for k in METRICS if m[k] != m[k] or abs(m[k]) == float("inf")]
+            bad = [k for k in metric_names if m[k] != m[k] or abs(m[k]) == float("inf")]
             if bad and args.on_nan == "stop":
                 raise DivergenceError(f"{bad[0]} is {m[bad[0]]} at step {step}; stopped, the last good "
                                       f"checkpoint in {run_dir}/checkpoints is kept (--on-nan skip skips such updates)")
@@ -695,7 +847,7 @@ def run_training(args, ckpt, cfg, world, device):
                                 disc=f"{m['disc_loss']:.3f}", acc=f"{m['disc_acc']:.2f}")
                 now = time.perf_counter()
                 log(f"step {step} epoch {step // steps_per_epoch} | {(step - tick_step) / (now - tick):.2f} it/s | "
-                    + " ".join(f"{k} {m[k]:.4g}" for k in METRICS), console=not args.progress)
+                    + " ".join(f"{k} {m[k]:.4g}" for k in metric_names), console=not args.progress)
                 tick, tick_step = now, step  # a resumed run's first interval is shorter than --log-every
             if step % args.sample_every == 0 or step == total:
                 write(sample)

@@ -92,7 +92,7 @@ def main(args):
 
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data), generator=g)[:args.num_points]
-    z, s = encode_dataset(encoder, data.images[idx], z_source=args.z_source, generator=g)
+    z, s = encode_dataset(encoder, data.images[idx], z_source=args.z_source, generator=g, cfg=cfg)
     xy = embed(z if args.space == "z" else s, args.perplexity, args.seed, args.threads)
     what = "style code z" + (" (sampled)" if args.z_source == "sample" else "") if args.space == "z" \
         else "class code s"

@@ -248,11 +248,12 @@ def load_state(module, state, what, path):
 
 def build_models(ckpt, device="cpu", with_discriminator=False):
     """Rebuild encoder and decoder (and discriminator) from a checkpoint alone, in eval mode."""
-    from networks import Decoder, Discriminator, Encoder, ModelConfig
+    from networks import config_from_dict, network_classes
     try:
-        cfg = ModelConfig.from_dict(ckpt["model_config"])
+        cfg = config_from_dict(ckpt["model_config"])
     except TypeError as e:
         raise CheckpointError(f"checkpoint '{ckpt.get('path')}' has an unknown model config: {e}") from None
+    Encoder, Decoder, Discriminator = network_classes(cfg)
     nets = [Encoder(cfg), Decoder(cfg)]
     names = ["encoder", "decoder"]
     if with_discriminator:
@@ -278,6 +279,34 @@ def image_background(images):
     (black for MNIST)."""
     border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], -1)
     return border.transpose(0, 1).flatten(1).median(dim=1).values
+
+
+def area_resize(x, size):
+    """Shrink square images (..., H, H) to (..., size, size) by area averaging: output pixel i
+    averages the input pixels under [i, i + 1) * H / size, each by the share of it covered (what
+    Torch7's image.scale does when it shrinks). One small matrix product per side."""
+    n = x.shape[-1]
+    if size > n:
+        raise ValueError(f"area_resize only shrinks ({n} -> {size})")
+    edges = torch.arange(size + 1, dtype=torch.float64) * n / size
+    j = torch.arange(n, dtype=torch.float64)
+    cover = (torch.minimum(edges[1:, None], j + 1) - torch.maximum(edges[:-1, None], j)).clamp(min=0)
+    w = (cover / (edges[1:] - edges[:-1])[:, None]).to(x.device, x.dtype)  # (size, n), rows sum to 1
+    return w @ x @ w.T
+
+
+def model_images(images_u8, cfg=None):
+    """uint8 images -> the float images the networks of `cfg` take: [0, 1] for the reference
+    recipe; for the authors' recipe [-1, 1] (their scaling) at cfg.image_size (Sprites: 60 -> 32)."""
+    if getattr(cfg, "recipe", "reference") != "authors":
+        return to_float(images_u8)
+    x = images_u8.float().mul_(2 / 255).sub_(1)
+    return x if x.shape[-1] == cfg.image_size else area_resize(x, cfg.image_size)
+
+
+def display_images(x, cfg=None):
+    """The networks' images (model_images, decoder outputs) -> [0, 1] for saving and plotting."""
+    return (x + 1) / 2 if getattr(cfg, "recipe", "reference") == "authors" else x
 
 
 @torch.no_grad()
@@ -364,7 +393,7 @@ def load_eval_data(ckpt, data_root=None, split="test"):
 
 
 @torch.no_grad()
-def encode_dataset(encoder, images_u8, batch_size=1000, z_source="mean", generator=None):
+def encode_dataset(encoder, images_u8, batch_size=1000, z_source="mean", generator=None, cfg=None):
     """Codes of uint8 images (N, C, H, W) -> (z (N, style_dim), s (N, class_dim)) on the CPU.
 
     z is the mean of q(z|x), or with z_source="sample" one reparameterised draw
@@ -378,7 +407,7 @@ def encode_dataset(encoder, images_u8, batch_size=1000, z_source="mean", generat
     device = next(encoder.parameters()).device
     zs, ss = [], []
     for i in range(0, len(images_u8), batch_size):
-        mu, logvar, s = encoder(to_float(images_u8[i:i + batch_size].to(device)))
+        mu, logvar, s = encoder(model_images(images_u8[i:i + batch_size].to(device), cfg))
         if z_source == "sample":
             eps = torch.randn(mu.shape, generator=generator).to(device)
             mu = reparameterize(mu, logvar, eps)
@@ -538,19 +567,20 @@ def train_classifier(features, labels, num_classes, seed, epochs=10, batch_size=
 
 
 @torch.no_grad()
-def predict(model, inputs, batch_size=2000):
-    """Arg-max class of each input (codes, or uint8 images converted batch by batch), in eval mode."""
+def predict(model, inputs, batch_size=2000, cfg=None):
+    """Arg-max class of each input (codes, or uint8 images converted batch by batch as the networks
+    of `cfg` take them), in eval mode."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(inputs), batch_size):
         x = inputs[i:i + batch_size].to(device)
-        out.append(model(to_float(x) if x.dtype == torch.uint8 else x).argmax(1).cpu())
+        out.append(model(model_images(x, cfg) if x.dtype == torch.uint8 else x).argmax(1).cpu())
     return torch.cat(out)
 
 
-def accuracy(model, inputs, labels, batch_size=2000):
-    return (predict(model, inputs, batch_size) == labels).float().mean().item()
+def accuracy(model, inputs, labels, batch_size=2000, cfg=None):
+    return (predict(model, inputs, batch_size, cfg) == labels).float().mean().item()
 
 
 def linear_probe(fit_x, fit_y, test_x, test_y, seed, max_iter=200):
@@ -584,7 +614,7 @@ def train_image_classifier(images_u8, labels, num_classes, cfg, seed, steps=500,
             perm, pos = torch.randperm(len(labels), generator=g), 0
         idx = perm[pos:pos + batch_size]
         pos += batch_size
-        loss = F.cross_entropy(model(to_float(images_u8[idx]).to(device)), labels[idx].to(device))
+        loss = F.cross_entropy(model(model_images(images_u8[idx].to(device), cfg)), labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -599,7 +629,7 @@ def random_pairs(n, num_pairs, generator):
 
 
 @torch.no_grad()
-def swap_accuracy(encoder, decoder, judge, images_u8, labels, num_pairs, seed, batch_size=1000):
+def swap_accuracy(encoder, decoder, judge, images_u8, labels, num_pairs, seed, batch_size=1000, cfg=None):
     """How often a classifier of real images names the class of the s-source in a swapped image.
 
     For random pairs i != j: dec(z_i, s_j) with z_i the style mean of image i, and
@@ -616,8 +646,8 @@ def swap_accuracy(encoder, decoder, judge, images_u8, labels, num_pairs, seed, b
     hits = {"swap": [], "prior": [], "leak": []}
     for k in range(0, num_pairs, batch_size):
         bi, bj = i[k:k + batch_size], j[k:k + batch_size]
-        mu, _, _ = encoder(to_float(images_u8[bi].to(device)))
-        _, _, s = encoder(to_float(images_u8[bj].to(device)))
+        mu, _, _ = encoder(model_images(images_u8[bi].to(device), cfg))
+        _, _, s = encoder(model_images(images_u8[bj].to(device), cfg))
         swapped = judge(decoder(mu, s)).argmax(1).cpu()
         prior = judge(decoder(prior_z[k:k + batch_size].to(device), s)).argmax(1).cpu()
         hits["swap"].append(swapped == labels[bj])

@@ -17,8 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils import (HelpFormatter, UserError, atomic_write, build_models, load_checkpoint,  # noqa: E402
-                   load_eval_data, pick_device, run_cli, swap_grid, to_float)
+from utils import (HelpFormatter, UserError, atomic_write, build_models, display_images, load_checkpoint,  # noqa: E402
+                   load_eval_data, model_images, pick_device, run_cli, swap_grid)
 
 
 def get_args_parser():
@@ -120,13 +120,14 @@ def main(args):
     out = os.path.splitext(args.out)[0] if args.out.endswith((".png", ".pdf")) else args.out
     device = pick_device(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    _, encoder, decoder = build_models(ckpt, device)
+    cfg, encoder, decoder = build_models(ckpt, device)
     data = load_eval_data(ckpt, args.data_root, args.split)
     g = torch.Generator().manual_seed(args.seed)
     rows = choose(args.rows, args.num_rows, len(data), "--rows", g)
     cols = choose(args.cols, args.num_cols, len(data), "--cols", g)
-    grid = build_grid(encoder, decoder, to_float(data.images[rows]).to(device),
-                      to_float(data.images[cols]).to(device), args.prior_rows, g)
+    grid = build_grid(encoder, decoder, model_images(data.images[rows].to(device), cfg),
+                      model_images(data.images[cols].to(device), cfg), args.prior_rows, g)
+    grid = display_images(grid, cfg)  # [0, 1] whatever range the networks work in
     paths = render(grid, len(rows), args.prior_rows, out, args.dpi, args.cell_inches)
     print(f"wrote {' and '.join(paths)} (rows {rows.tolist()}, columns {cols.tolist()})")
     return paths
