@@ -12,7 +12,6 @@ of the dataset (Sprites: action, direction, the layers) is classified the same w
 """
 import argparse
 import json
-import os
 
 import torch
 

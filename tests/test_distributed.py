@@ -110,7 +110,10 @@ def test_two_ranks_of_batch_b_match_one_process_of_batch_2b(two_ranks):
     ddp = r0["run"]["metrics"]
     assert [m["disc_stepped"] for m in metrics] == [m["disc_stepped"] for m in ddp]
     for k in train.METRICS:  # the logged metrics are the ranks' means = the 2B batch's values
-        assert [m[k] for m in metrics] == pytest.approx([m[k] for m in ddp], rel=1e-4, abs=1e-6), k
+        assert metrics[0][k] == pytest.approx(ddp[0][k], rel=1e-4, abs=1e-6), k  # same weights: rounding only
+        # Later steps start from weights that differ by rounding noise amplified by Adam (see below):
+        # the small KL term moved by up to 7e-4 relative by step 4 on this machine.
+        assert [m[k] for m in metrics[1:]] == pytest.approx([m[k] for m in ddp[1:]], rel=2e-3, abs=1e-6), k
     # Adam divides each gradient by its running RMS, so rounding differences in small gradients
     # become weight differences of a fraction of lr; a fifth of one step (lr = 1e-4) is the
     # tolerance, while the weights moved by about ten steps and a wrong feed moves them by whole steps.
