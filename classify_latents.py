@@ -15,10 +15,12 @@ import json
 
 import torch
 
-from utils import (HelpFormatter, UserError, Z_SOURCES, accuracy, atomic_write, build_models, chance_level,
-                   checkpoint_dataset, classifier_sets, dense_labels, encode_dataset, integer_factors,
-                   linear_probe, load_checkpoint, load_eval_data, pick_device, posterior_codes, posterior_stats,
-                   run_cli, swap_accuracy, swap_errors, train_classifier, train_image_classifier)
+from evaluation import (Z_SOURCES, accuracy, chance_level, classifier_sets, dense_labels,
+                        encode_dataset, integer_factors, linear_probe, load_eval_data,
+                        posterior_codes, posterior_stats, swap_accuracy, swap_errors,
+                        train_classifier, train_image_classifier)
+from utils import (HelpFormatter, UserError, atomic_write, build_models, checkpoint_dataset,
+                   load_checkpoint, pick_device, run_cli)
 
 
 def get_args_parser():

@@ -11,8 +11,8 @@ import os
 import numpy as np
 import torch
 
-from utils import (HelpFormatter, UserError, Z_SOURCES, atomic_write, build_models, encode_dataset,
-                   integer_factors, load_checkpoint, load_eval_data, pick_device, run_cli)
+from evaluation import Z_SOURCES, encode_dataset, integer_factors, load_eval_data
+from utils import HelpFormatter, UserError, atomic_write, build_models, load_checkpoint, pick_device, run_cli
 
 LEGEND_MAX = 20  # more classes than this get a colour bar instead of a legend
 

@@ -17,8 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from utils import (HelpFormatter, UserError, atomic_write, build_models, display_images, load_checkpoint,  # noqa: E402
-                   load_eval_data, model_images, pick_device, run_cli, swap_grid)
+from evaluation import load_eval_data  # noqa: E402
+from utils import (HelpFormatter, UserError, atomic_write, build_models, display_images,  # noqa: E402
+                   load_checkpoint, model_images, pick_device, run_cli, swap_grid)
 
 
 def get_args_parser():

@@ -13,6 +13,7 @@ import classify_latents
 import data_loader
 import train
 import tsne_plot
+import evaluation
 import utils
 from conftest import ROOT, make_fake_mnist
 from data_loader import ImageSet, TripletSampler, conditioning_labels
@@ -340,7 +341,7 @@ def test_swap_grid_on_an_authors_checkpoint_shows_images_in_zero_one(authors_run
     swap_grid.main(swap_grid.get_args_parser().parse_args(
         ["--checkpoint", authors_run["ckpt"], "--rows", "0,1", "--cols", "2,3,4", "--prior-rows", "1",
          "--dpi", "50", "--out", str(tmp_path / "g")]))
-    data = utils.load_eval_data(utils.load_checkpoint(authors_run["ckpt"]), authors_run["root"], "test")
+    data = evaluation.load_eval_data(utils.load_checkpoint(authors_run["ckpt"]), authors_run["root"], "test")
     grid = grids[0]
     assert grid.shape == (1 + 2 + 1, 1 + 3, 1, 28, 28) and grid.min() >= 0 and grid.max() <= 1
     torch.testing.assert_close(grid[0, 1:], utils.to_float(data.images[2:5]))  # the column images as they are

@@ -16,6 +16,7 @@ import classify_latents
 import data_loader
 import train
 import tsne_plot
+import evaluation
 import utils
 from conftest import ROOT, make_fake_mnist
 from data_loader import ImageSet
@@ -123,11 +124,11 @@ def test_z_sample_differs_from_mean_and_other_seed_changes_numbers(run):
     ckpt = utils.load_checkpoint(run["ckpt"])
     _, enc, _ = utils.build_models(ckpt)
     x = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8)
-    z_mean, s1 = utils.encode_dataset(enc, x, batch_size=3)
-    z_a, s2 = utils.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(0))
-    z_b, _ = utils.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(0))
+    z_mean, s1 = evaluation.encode_dataset(enc, x, batch_size=3)
+    z_a, s2 = evaluation.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(0))
+    z_b, _ = evaluation.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(s1, s2)  # batch 3 against batch 1000: equal up to float rounding
-    z_c, _ = utils.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(1))
+    z_c, _ = evaluation.encode_dataset(enc, x, z_source="sample", generator=torch.Generator().manual_seed(1))
     assert torch.equal(z_a, z_b) and not torch.allclose(z_a, z_mean)
     assert not torch.allclose(z_c, z_a) and not torch.allclose(z_c, z_mean)  # another seed, other draws
     mu, _, _ = enc(utils.to_float(x))
@@ -138,14 +139,14 @@ def test_reference_classifier_learns_and_is_seeded():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(400) % 5
     x = nn.functional.one_hot(y, 5).float() * 3 + torch.randn(400, 5, generator=g)
-    m1 = utils.train_classifier(x[:300], y[:300], 5, seed=1, epochs=5, batch_size=32)
-    m2 = utils.train_classifier(x[:300], y[:300], 5, seed=1, epochs=5, batch_size=32)
-    assert utils.accuracy(m1, x[300:], y[300:]) > 0.9
+    m1 = evaluation.train_classifier(x[:300], y[:300], 5, seed=1, epochs=5, batch_size=32)
+    m2 = evaluation.train_classifier(x[:300], y[:300], 5, seed=1, epochs=5, batch_size=32)
+    assert evaluation.accuracy(m1, x[300:], y[300:]) > 0.9
     assert all(torch.equal(p, q) for p, q in zip(m1.state_dict().values(), m2.state_dict().values()))
-    tr, te = utils.linear_probe(x[:300], y[:300], x[300:], y[300:], seed=0)
+    tr, te = evaluation.linear_probe(x[:300], y[:300], x[300:], y[300:], seed=0)
     assert te > 0.9
     noise = torch.randn(400, 5, generator=g)  # codes without class information: chance level
-    assert utils.accuracy(utils.train_classifier(noise[:300], y[:300], 5, 0, epochs=5), noise[300:], y[300:]) < 0.45
+    assert evaluation.accuracy(evaluation.train_classifier(noise[:300], y[:300], 5, 0, epochs=5), noise[300:], y[300:]) < 0.45
 
 
 # ----------------------------------------------------------------------------- swap accuracy
@@ -188,9 +189,9 @@ def toy_images():
 
 def test_swap_accuracy_counts_the_class_of_the_s_source():
     images, labels = toy_images()
-    follows_s = utils.swap_accuracy(ToyEncoder(), ToyDecoder(), ToyJudge(), images, labels, 500, seed=0)
+    follows_s = evaluation.swap_accuracy(ToyEncoder(), ToyDecoder(), ToyJudge(), images, labels, 500, seed=0)
     assert follows_s["swap"] == 1.0 and follows_s["style_leak"] == 0.0
-    follows_z = utils.swap_accuracy(ToyEncoder(), ToyDecoder(use_z=True), ToyJudge(), images, labels, 500, seed=0)
+    follows_z = evaluation.swap_accuracy(ToyEncoder(), ToyDecoder(use_z=True), ToyJudge(), images, labels, 500, seed=0)
     assert follows_z["style_leak"] == 1.0
     assert 0.1 < follows_z["swap"] < 0.3  # only the pairs whose two images share a class (1 in 5)
 
@@ -205,9 +206,9 @@ class PriorToyDecoder(ToyDecoder):
 
 def test_prior_decodes_by_class_match_a_hand_count():
     images, labels = toy_images()
-    res = utils.swap_accuracy(ToyEncoder(), PriorToyDecoder(), ToyJudge(), images, labels, 500, seed=3)
+    res = evaluation.swap_accuracy(ToyEncoder(), PriorToyDecoder(), ToyJudge(), images, labels, 500, seed=3)
     g = torch.Generator().manual_seed(3)  # the same draws, counted by hand
-    _, j = utils.random_pairs(50, 500, g)
+    _, j = evaluation.random_pairs(50, 500, g)
     hit = (torch.randn(500, 1, generator=g)[:, 0] > 0) | (labels[j] == 0)
     assert [r["class"] for r in res["by_class"]] == [0, 1, 2, 3, 4]
     for r in res["by_class"]:
@@ -243,25 +244,25 @@ def test_same_class_swap_error_is_high_for_a_decoder_that_ignores_z():
     images = images.view(60, 1, 4, 4)
     brightness = bg.float()[:, None] / 255
     z = style.float()[:, None]  # z carries the style, s the class: both errors are zero
-    good = utils.swap_errors(Renderer(False), images, labels, z, brightness, 400, seed=1)
+    good = evaluation.swap_errors(Renderer(False), images, labels, z, brightness, 400, seed=1)
     assert good["reconstruction"] < 1e-12 and good["same_class_swap"] < 1e-12 and good["pairs"] == 400
     # s carries everything and the decoder ignores z: a perfect reconstruction, a bad swap
-    empty = utils.swap_errors(Renderer(True), images, labels, torch.zeros(60, 1),
+    empty = evaluation.swap_errors(Renderer(True), images, labels, torch.zeros(60, 1),
                               torch.cat([brightness, z], 1), 400, seed=1)
-    i, j = utils.same_class_pairs(labels, 400, torch.Generator().manual_seed(1))
+    i, j = evaluation.same_class_pairs(labels, 400, torch.Generator().manual_seed(1))
     assert (i != j).all() and (labels[i] == labels[j]).all() and set(labels[i].tolist()) == {0, 1, 2, 3, 4}
     by_hand = (utils.to_float(images[j]) - utils.to_float(images[i])).pow(2).mean((1, 2, 3)).mean().item()
     assert empty["reconstruction"] < 1e-12
     assert empty["same_class_swap"] == pytest.approx(by_hand) and empty["same_class_swap"] > 0.05
     # no class with two images (a tiny test set): no pairs, reported as such
-    alone = utils.swap_errors(Renderer(True), images[:5], labels[:5], z[:5], torch.cat([brightness, z], 1)[:5], 9, 1)
+    alone = evaluation.swap_errors(Renderer(True), images[:5], labels[:5], z[:5], torch.cat([brightness, z], 1)[:5], 9, 1)
     assert alone == {"reconstruction": None, "same_class_swap": None, "pairs": 0}
 
 
 def test_posterior_stats_by_hand():
     mu = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
     logvar = torch.tensor([[0.0, 0.0], [math.log(4), 0.0]])
-    st = utils.posterior_stats(mu, logvar)
+    st = evaluation.posterior_stats(mu, logvar)
     kl_10 = 0.5 * (4 + 4 - 1 - math.log(4))  # dimension 0 of image 1: mu 2, sigma 2
     assert st["sigma_mean"] == pytest.approx(1.25) and st["abs_mu_mean"] == pytest.approx(0.75)
     assert st["kl_each_dim"] == pytest.approx([kl_10 / 2, 0.25])
@@ -272,7 +273,7 @@ def test_posterior_stats_by_hand():
 
 
 def test_random_pairs_never_pair_an_image_with_itself():
-    i, j = utils.random_pairs(7, 5000, torch.Generator().manual_seed(0))
+    i, j = evaluation.random_pairs(7, 5000, torch.Generator().manual_seed(0))
     assert (i != j).all() and set(j.tolist()) == set(range(7))
 
 
@@ -291,7 +292,7 @@ def fake_sprites(root, split):
 
 def test_split_rule_keeps_every_identity_on_both_sides(monkeypatch):
     train_set, test_set = fake_sprites(None, "train"), fake_sprites(None, "test")
-    fit, held, rule = utils.classifier_sets(train_set, test_set, seed=0, test_fraction=0.25)
+    fit, held, rule = evaluation.classifier_sets(train_set, test_set, seed=0, test_fraction=0.25)
     assert rule.startswith("within-class")
     assert set(fit.labels.tolist()) == set(held.labels.tolist()) == {4, 5, 6, 7}
     assert torch.bincount(held.labels)[4:].tolist() == [3, 3, 3, 3]
@@ -299,11 +300,11 @@ def test_split_rule_keeps_every_identity_on_both_sides(monkeypatch):
     # the two sides are disjoint images of the test split
     rows = {tuple(x.flatten().tolist()[:200]) for x in fit.images}
     assert not any(tuple(x.flatten().tolist()[:200]) in rows for x in held.images)
-    assert utils.integer_factors(fit) == ["action", "frame"]  # float and constant factors skipped
-    again = utils.classifier_sets(train_set, test_set, seed=0, test_fraction=0.25)[1]
+    assert evaluation.integer_factors(fit) == ["action", "frame"]  # float and constant factors skipped
+    again = evaluation.classifier_sets(train_set, test_set, seed=0, test_fraction=0.25)[1]
     assert torch.equal(again.images, held.images)
     # MNIST-like: every test class is a train class, so the splits are used as they are
-    mnist_fit, mnist_test, rule = utils.classifier_sets(train_set, train_set, seed=0)
+    mnist_fit, mnist_test, rule = evaluation.classifier_sets(train_set, train_set, seed=0)
     assert rule.startswith("splits") and mnist_fit is train_set
 
 
@@ -375,7 +376,7 @@ def test_swap_grid_png_and_pdf(run, tmp_path):
 def test_swap_grid_layout(run):
     ckpt = utils.load_checkpoint(run["ckpt"])
     _, enc, dec = utils.build_models(ckpt)
-    data = utils.load_eval_data(ckpt, run["root"], "test")
+    data = evaluation.load_eval_data(ckpt, run["root"], "test")
     x = utils.to_float(data.images[:5])
     grid = swap_grid.build_grid(enc, dec, x[:2], x[2:], prior_rows=2, generator=torch.Generator().manual_seed(0))
     assert grid.shape == (1 + 2 + 2, 1 + 3, 1, 28, 28)
@@ -537,5 +538,5 @@ def test_split_rule_uses_global_identities_where_labels_restart_per_split():
     images = torch.zeros(40, 1, 4, 4, dtype=torch.uint8)
     train_set = ImageSet(images, torch.arange(40) % 4, 4, {"identity": torch.arange(40) % 4})
     test_set = ImageSet(images, torch.arange(40) % 4, 4, {"identity": 10 + torch.arange(40) % 4})
-    fit, test, rule = utils.classifier_sets(train_set, test_set, seed=0)
+    fit, test, rule = evaluation.classifier_sets(train_set, test_set, seed=0)
     assert rule.startswith("within-class") and len(fit) + len(test) == 40
