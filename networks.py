@@ -27,14 +27,14 @@ class ModelConfig:
     class_dim: int = 16   # s: the specified factors
     # encoder: 5x5 stride-2 convolutions, one per entry, with these widths
     enc_channels: tuple = (16, 32, 64)
-    enc_padding: int = 1
+    enc_padding: int = 1  # of the encoder's and also the discriminator's convolutions
     # decoder: the code is reshaped to dec_channels[0] x S x S (S = the encoder's last
     # spatial size), then 4x4 stride-2 transposed convolutions to each later width and
     # finally to `channels`; one padding / output padding per transposed convolution
     dec_channels: tuple = (128, 32, 16)
     dec_padding: tuple = (0, 0, 1)
     dec_output_padding: tuple = (0, 0, 0)
-    # discriminator: 5x5 stride-2 convolutions over the channel-concatenated pair
+    # discriminator: 5x5 stride-2 convolutions over the channel-concatenated pair, padding enc_padding
     disc_channels: tuple = (32, 64, 128)
 
     def to_dict(self):

@@ -87,8 +87,11 @@ def get_args_parser():
                             "authors' is multiplied by 6 / pixels")
     sched.add_argument("--seed", type=int, default=0)
     sched.add_argument("--lr", type=float, default=1e-4, help="reference recipe: Adam learning rate of all three optimisers")
-    sched.add_argument("--gen-steps", type=int, default=2, help="reference recipe: generator updates per iteration")
-    sched.add_argument("--disc-steps", type=int, default=1, help="reference recipe: discriminator updates per iteration")
+    sched.add_argument("--gen-steps", type=int, default=2,
+                       help="reference recipe: generator updates per iteration (0: none)")
+    sched.add_argument("--disc-steps", type=int, default=1,
+                       help="reference recipe: discriminator updates per iteration (0: none; with --gen-steps 0 "
+                            "no adversary at all)")
     sched.add_argument("--disc-gate", type=float, default=0.8,
                        help="reference recipe: the discriminator steps only when its batch accuracy is below this")
     sched.add_argument("--pairs", default="fresh", choices=["fresh", "frozen"],
@@ -145,9 +148,12 @@ def get_args_parser():
 
 def check_args(args):
     """Reject impossible arguments with one clear line."""
-    for name in ("epochs", "gen_steps", "disc_steps", "log_every", "sample_every"):
+    for name in ("epochs", "log_every", "sample_every"):
         if getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("gen_steps", "disc_steps"):  # 0 turns the update off (the no-adversary ablation: both 0)
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     for name in ("max_steps", "batch_size", "style_dim", "class_dim", "checkpoint_every", "nf"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -427,26 +433,40 @@ def discriminator_loss(t, x1, x2, x3):
 
 
 def train_iteration(t):
-    """One iteration: reconstruction, then gen_steps generator updates, then disc_steps gated
-    discriminator updates, each on freshly drawn batches. Returns the iteration's metrics."""
+    """One iteration of the paper's three updates, each on freshly drawn batches:
+    1. reconstruction, on x1 and a same-class partner x2;
+    2. the generator, --gen-steps (2) times: two generator updates per discriminator update;
+    3. the discriminator, --disc-steps (1) times, stepping only while its accuracy on its own batch
+       is below --disc-gate (0.8): a discriminator that wins is left alone.
+    --gen-steps 0 / --disc-steps 0 turn an update off (its logged loss is then 0). Returns the metrics."""
     a, B = t.args, t.args.batch_size
+    zero = torch.zeros((), device=t.device)
+
     i1, i2 = t.sampler.pairs(B)
     rec, kl = reconstruction_step(t, t.batch(i1), t.batch(i2))
-    gen = torch.stack([generator_step(t, t.batch(t.sampler.anchors(B)), t.batch(t.sampler.anchors(B)))
-                       for _ in range(a.gen_steps)]).mean()
+
+    gen_losses = []
+    for _ in range(a.gen_steps):
+        x1 = t.batch(t.sampler.anchors(B))
+        x3 = t.batch(t.sampler.anchors(B))
+        gen_losses.append(generator_step(t, x1, x3))
+    gen = torch.stack(gen_losses).mean() if gen_losses else zero
+
+    logged, stepped = None, False
     for _ in range(a.disc_steps):
         x1 = t.batch(t.sampler.anchors(B))
         i2, i3 = t.sampler.pairs(B)
         d_loss, d_acc = discriminator_loss(t, x1, t.batch(i2), t.batch(i3))
-        # The iteration's one host read: the gate needs the accuracy; the other losses ride along.
-        # Under torchrun they are averaged over ranks first, so every rank takes the same decision.
-        values = t.world.average(torch.stack([rec, kl, gen, d_loss.detach(), d_acc]))
-        stepped = values[-1] < a.disc_gate  # the 80% rule: a discriminator that wins is left alone
+        # The gate needs the accuracy on the host: one read per discriminator update, with the logged
+        # losses riding along; under torchrun all are averaged over ranks first, so every rank decides alike.
+        logged = t.world.average(torch.stack([rec, kl, gen, d_loss.detach(), d_acc]))
+        d_acc = logged[-1]
+        stepped = d_acc < a.disc_gate
         if stepped:
             t.update(t.opt_disc, d_loss)
-    metrics = dict(zip(METRICS, values))
-    metrics["disc_stepped"] = int(stepped)
-    return metrics
+    if logged is None:  # no discriminator update: its loss and accuracy are logged as 0
+        logged = t.world.average(torch.stack([rec, kl, gen, zero, zero]))
+    return {**dict(zip(METRICS, logged)), "disc_stepped": int(stepped)}
 
 
 # ----------------------------------------------------------------------------- the authors' recipe
@@ -717,7 +737,8 @@ def run_training(args, ckpt, cfg, world, device):
         cfg = replace(cfg, label_sizes=conditioning_labels(train_set)[1])
     if args.batch_size > len(train_set):
         raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images)")
-    # An epoch is N images seen over all ranks: floor(N / global batch) iterations.
+    # An epoch is floor(N / global batch) iterations, though an iteration draws several batches (the
+    # reference recipe 1 + 2 x --gen-steps + 2 x --disc-steps of anchors, 7 by default).
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * world.size))
     total = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     ckpt_every = args.checkpoint_every or steps_per_epoch

@@ -49,6 +49,18 @@ def test_generator_steps_twice_and_reconstruction_once_per_iteration():
     assert int(t.opt_gen.state[t.ae_params[0]]["step"]) == 3
 
 
+def test_no_adversary_updates_only_encoder_and_decoder_by_reconstruction():
+    """--gen-steps 0 --disc-steps 0: the ablation without generator and discriminator updates."""
+    t = make_trainer("--gen-steps", "0", "--disc-steps", "0")
+    disc, ae = snapshot(t.discriminator), snapshot(t.encoder)
+    m = train.train_iteration(t)
+    assert same(disc, snapshot(t.discriminator)) and not same(ae, snapshot(t.encoder))
+    assert not t.opt_gen.state and not t.opt_disc.state and len(t.opt_ae.state) > 0
+    assert m["gen_loss"] == m["disc_loss"] == m["disc_acc"] == m["disc_stepped"] == 0 and m["recon_loss"] > 0
+    with pytest.raises(train.UserError, match="--gen-steps must be >= 0"):
+        train.check_args(train.get_args_parser().parse_args(["--gen-steps", "-1"]))
+
+
 def test_closed_gate_leaves_discriminator_bit_for_bit_unchanged(monkeypatch):
     t = make_trainer()  # default gate 0.8
     real = train.discriminator_loss
