@@ -18,8 +18,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class Config:
+    """Round trip of a config dataclass through a checkpoint (JSON-like dicts: tuples come back as lists)."""
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     recipe = "reference"  # a class attribute, not a field: reference configs serialise as they always did
     image_size: int = 28
     channels: int = 1
@@ -36,13 +47,6 @@ class ModelConfig:
     dec_output_padding: tuple = (0, 0, 0)
     # discriminator: 5x5 stride-2 convolutions over the channel-concatenated pair, padding enc_padding
     disc_channels: tuple = (32, 64, 128)
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # One config per dataset. MNIST is the reference architecture exactly.
@@ -241,7 +245,7 @@ class ImageClassifier(nn.Module):
 # discriminator that sees one image and its label instead of an image pair.
 
 @dataclass(frozen=True)
-class AuthorsConfig:
+class AuthorsConfig(Config):
     recipe: str = "authors"
     image_size: int = 28     # the images the networks take and give (MNIST 28; Sprites resized to 32)
     channels: int = 1
@@ -253,13 +257,6 @@ class AuthorsConfig:
     # one entry per layer (body, shoes, ...), filled in from the training set
     label_sizes: tuple = (10,)
     disc_dropout: float = 0.5
-
-    def to_dict(self):
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 AUTHORS_CONFIGS = {
