@@ -102,7 +102,7 @@ class BarEncoder(nn.Module):
 
     def forward(self, x):
         first_bright_row = (x[:, 0].amax(2) > 0.5).float().argmax(1)  # 2 + 2 * class
-        s = nn.functional.one_hot((first_bright_row - 2) // 2, 10).float()
+        s = nn.functional.one_hot((first_bright_row - 2) // 2, 16).float()  # s is 16-dim: the decoder takes it
         return torch.randn(len(x), 16, generator=self.g), torch.zeros(len(x), 16), s
 
 

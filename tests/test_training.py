@@ -573,6 +573,7 @@ def test_resume_of_a_checkpoint_older_than_the_flags_uses_their_defaults():
     del saved["kl_weight"], saved["disc_fakes"]
     ckpt = {"args": saved, "path": "runs/a/checkpoints/last.pt"}
     merged = train.merge_resume_args(parser.parse_args(["--resume", "x"]), ckpt)
+    train.fill_recipe_defaults(merged)  # as main() does next
     assert merged.kl_weight == 1.0 and merged.disc_fakes == "posterior"
     with pytest.raises(train.CheckpointError, match="--kl-weight 0.5 differs"):
         train.merge_resume_args(parser.parse_args(["--resume", "x", "--kl-weight", "0.5"]), ckpt)
