@@ -79,14 +79,16 @@ def load_mnist(root, split="train"):
     raw = os.path.join(root, "MNIST", "raw")
     missing = [f for f in MNIST_FILES[split] if not os.path.isfile(os.path.join(raw, f))]
     if missing:
-        hint = (f"MNIST files missing: put {', '.join(missing)} (uncompressed) in {raw}/, "
-                f"or run online so torchvision can download them")
+        hint = (f"MNIST files missing: put {', '.join(missing)} (uncompressed) in {raw}/ (or point --data-root "
+                f"or ${DATA_ROOT_ENV} at a folder whose MNIST/raw/ holds them), or run online so torchvision "
+                f"can download them")
         if not downloads_allowed():
             raise DataError(hint + f" ({NO_DOWNLOAD_ENV} is set, so nothing is downloaded)")
         try:
             MNIST(root, train=split == "train", download=True)
         except Exception as e:  # offline: one clear message instead of a urllib traceback
-            raise DataError(f"{hint}; download failed: {e.__class__.__name__}: {e}") from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""  # torchvision lists every mirror tried
+            raise DataError(f"{hint}; download failed: {e.__class__.__name__}: {first}") from None
     try:
         ds = MNIST(root, train=split == "train", download=False)
         images, labels = ds.data, ds.targets
