@@ -9,8 +9,11 @@ One row per --row (a label, then the JSON files of its seeds). Each cell is the 
 files ± the sample standard deviation (n - 1 in the denominator); a row of one file shows its value.
 A column appears when any file has its number; a row whose files lack it shows "–". The files of a row
 must agree on dataset, code sizes, z source and step, so that seeds of one setting are averaged and
-nothing else.
+nothing else. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
+stepped (the 80% gate open), read from the run's metrics.csv when the checkpoint named in the JSON
+still sits in its run directory (runs/NAME/checkpoints/...).
 """
+import csv
 import argparse
 import json
 import os
@@ -27,6 +30,7 @@ COLUMNS = [
     ("s train", "targets.class.mlp.s_train"), ("s test", "targets.class.mlp.s_test"),
     ("linear z test", "targets.class.linear.z_test"), ("linear s test", "targets.class.linear.s_test"),
     ("swap", "swap.swap"), ("prior swap", "swap.prior"), ("z leak", "swap.style_leak"),
+    ("D stepped", "disc_stepped"),  # from the run's metrics.csv, see disc_stepped()
 ]
 # What the files of one row must share.
 SAME = ("dataset", "style_dim", "class_dim", "z_source", "step")
@@ -52,9 +56,24 @@ def lookup(d, path):
 def read(path):
     try:
         with open(path) as f:
-            return json.load(f)
+            d = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read '{path}': {e}") from None
+    d["disc_stepped"] = disc_stepped(d)
+    return d
+
+
+def disc_stepped(d):
+    """% of iterations 1..step whose discriminator stepped, from the metrics.csv of the checkpoint's run
+    directory; None when that is not at hand (an exported file, another machine)."""
+    ckpt, step = d.get("checkpoint") or "", d.get("step")
+    run_dir = os.path.dirname(os.path.dirname(ckpt))
+    path = os.path.join(run_dir, "metrics.csv")
+    if os.path.basename(os.path.dirname(ckpt)) != "checkpoints" or not step or not os.path.isfile(path):
+        return None
+    with open(path, newline="") as f:
+        flags = [int(r["disc_stepped"]) for r in csv.DictReader(f) if r["step"].isdigit() and int(r["step"]) <= step]
+    return 100.0 * sum(flags) / len(flags) if flags else None
 
 
 def cell(values):
