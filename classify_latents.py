@@ -6,7 +6,7 @@ the reconstruction and same-class swap errors, and how q(z|x) sits against the p
 
 Codes are taken from the encoder of the checkpoint alone; the reference classifier
 (networks.Classifier) is fitted on the codes of one set of images and tested on another
-(utils.classifier_sets says which, for every dataset). A scikit-learn logistic regression
+(evaluation.classifier_sets says which, for every dataset). A scikit-learn logistic regression
 is reported beside it as a simpler, linear measure. Besides the class, every integer factor
 of the dataset (Sprites: action, direction, the layers) is classified the same way.
 """
@@ -32,7 +32,8 @@ def get_args_parser():
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice: same seed, same numbers")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     p.add_argument("--z-source", default="mean", choices=Z_SOURCES,
-                   help="z = the mean of q(z|x), or one reparameterised draw from it (the reference's choice)")
+                   help="z = the mean of q(z|x), or one reparameterised draw from it (the reference's README "
+                        "reports its accuracies after reparameterisation)")
     p.add_argument("--epochs", type=int, default=10, help="training epochs of each latent classifier")
     p.add_argument("--batch-size", type=int, default=256, help="batch size of the latent classifiers")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the latent classifiers")

@@ -1,4 +1,4 @@
-"""Datasets as whole tensors, and the same-class pair sampler.
+"""Datasets as whole tensors, the same-class pair sampler and the authors' triplet sampler.
 
 Each dataset is loaded once into an ImageSet: every image as one uint8 tensor
 (N, C, H, W) plus its class labels. Training moves the whole set to the training
@@ -269,8 +269,8 @@ def dataset_options(args):
 
 
 def linemod_cache_path(split_dir, part, min_visibility, image_size, crop_scale):
-    """One cache file per (split folder, part, crop settings), in $DISENTANGLE_CACHE_DIR or
-    ~/.cache/disentangle: outside the data folder, which may be read-only."""
+    """One cache file per (split folder, part, crop settings), in cache_dir(): outside the data
+    folder, which may be read-only."""
     key = repr((os.path.abspath(split_dir), part, float(min_visibility), int(image_size), float(crop_scale),
                 LINEMOD_HOLDOUT_EVERY))
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]

@@ -32,9 +32,10 @@ def encode_dataset(encoder, images_u8, batch_size=1000, z_source="mean", generat
     """Codes of uint8 images (N, C, H, W) -> (z (N, style_dim), s (N, class_dim)) on the CPU.
 
     z is the mean of q(z|x), or with z_source="sample" one reparameterised draw
-    mu + sigma * eps (the reference's choice), eps from `generator` (a CPU torch.Generator).
-    Each image is encoded on its own statistics (instance norm), so batching changes nothing
-    beyond float rounding.
+    mu + sigma * eps (the reference's README reports its accuracies "after reparameterization"),
+    eps from `generator` (a CPU torch.Generator). An image's codes do not depend on its batch
+    (instance norm; the authors' batch norm in eval mode), so batching changes nothing beyond
+    float rounding.
     """
     if z_source not in Z_SOURCES:
         raise ValueError(f"z_source must be one of {Z_SOURCES}, got {z_source!r}")
@@ -60,8 +61,8 @@ def posterior_codes(encoder, images_u8, batch_size=1000):
 
 def posterior_stats(mu, logvar):
     """Where q(z|x) = N(mu, sigma^2) sits against the prior N(0, I), averaged over images:
-    mean sigma, mean |mu|, and KL(q(z|x) || N(0, I)) per dimension in nats (the training loss
-    sums it over the code and divides by pixels instead). A dimension near 0 nats carries nothing."""
+    mean sigma, mean |mu|, and KL(q(z|x) || N(0, I)) per dimension in nats (the reference recipe's
+    training loss sums it over the code and divides by pixels instead). A dimension near 0 nats carries nothing."""
     kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar)  # (N, D) nats
     return {"sigma_mean": torch.exp(0.5 * logvar).mean().item(), "abs_mu_mean": mu.abs().mean().item(),
             "kl_per_dim": kl.mean().item(), "kl_each_dim": kl.mean(0).tolist()}

@@ -1,10 +1,11 @@
 """Encoder, decoder and pairwise discriminator of Mathieu et al. (2016).
 
-Pure nn.Module code, no I/O. Every network is built from a ModelConfig, one per
-dataset (image size, channels, code sizes, layer widths), so a new dataset is a
-new config rather than a copy of the networks.
+Pure nn.Module code, no I/O. Every network is built from a config, one per dataset
+(ModelConfig: image size, channels, code sizes, layer widths), so a new dataset is a
+new config rather than a copy of the networks. Also here: the evaluation's classifiers and,
+at the end, the networks of the authors' recipe (AuthorsConfig).
 
-Normalisation: every layer uses instance norm without affine parameters or running statistics.
+Normalisation (reference recipe): instance norm without affine parameters or running statistics.
 The reference built its instance norms with track_running_stats=True, so in eval mode
 they switched to running averages and evaluation codes differed from training codes.
 Here an image is always normalised with its own statistics, in training and in
@@ -49,7 +50,8 @@ class ModelConfig(Config):
     disc_channels: tuple = (32, 64, 128)
 
 
-# One config per dataset. MNIST is the reference architecture exactly.
+# One config per dataset. MNIST is the reference's architecture (tests/test_networks.py::
+# test_reference_mnist_architecture, tests/test_import_reference.py).
 CONFIGS = {
     "mnist": ModelConfig(),
 }
@@ -104,8 +106,8 @@ class InstanceNorm(nn.Module):
     """Instance normalisation without affine parameters or running statistics.
 
     Computed as group norm with one group per channel: the same function as
-    nn.InstanceNorm2d(affine=False, track_running_stats=False) (tests check this), but
-    PyTorch's group-norm kernel is about four times faster on the CPU.
+    nn.InstanceNorm2d(affine=False, track_running_stats=False) (test_instance_norm_equals_torch_instance_norm),
+    but PyTorch's group-norm kernel is about four times faster on the CPU.
     """
 
     def __init__(self, eps=1e-5):
@@ -196,7 +198,7 @@ def reparameterize(mu, logvar, eps):
 
 
 def kl_divergence(mu, logvar, n_pixels):
-    """KL(q(z|x) || N(0, I)) summed over batch and code, divided by batch x pixels (as the reference)."""
+    """KL(q(z|x) || N(0, I)) summed over batch and code, divided by batch x pixels: the reference's scaling."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp()) / (mu.shape[0] * n_pixels)
 
 

@@ -7,7 +7,7 @@ accuracy on the batch is below `--disc-gate` (0.8). With `--recipe authors` an i
 instead the paper authors' own recipe (authors_iteration): one encoder/decoder update and one
 discriminator update on a triplet batch.
 
-    python train.py --dataset mnist --data-root ../shared/data --run-dir runs/mnist
+    python train.py --dataset mnist --data-root DIR --run-dir runs/mnist
     python train.py --resume runs/mnist/checkpoints/last.pt
 """
 import argparse
@@ -62,7 +62,7 @@ class DivergenceError(UserError):
 def get_args_parser():
     p = argparse.ArgumentParser(description="Train the disentangling autoencoder of Mathieu et al. (2016).",
                                 formatter_class=HelpFormatter)
-    # Groups as in the README's table; what a flag does and its default do not depend on its group.
+    # The groups only order --help; what a flag does and its default do not depend on its group.
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="mnist", choices=sorted(CONFIGS), help="dataset and network config")
     data.add_argument("--data-root", default=None,
@@ -74,7 +74,7 @@ def get_args_parser():
     model.add_argument("--style-dim", type=int, default=None, help="size of z (default: the dataset config's)")
     model.add_argument("--class-dim", type=int, default=None, help="size of s (default: the dataset config's)")
     sched = p.add_argument_group("schedule and optimisation")
-    sched.add_argument("--epochs", type=int, default=50, help="epochs of floor(N / batch) iterations")
+    sched.add_argument("--epochs", type=int, default=50, help="epochs of floor(N / global batch) iterations")
     sched.add_argument("--max-steps", type=int, default=None, help="stop after this many iterations in all")
     sched.add_argument("--batch-size", type=int, default=None,
                        help="images per batch of each process (default: 64 reference, 16 authors' triplets); "
@@ -83,7 +83,7 @@ def get_args_parser():
     sched.add_argument("--beta2", type=float, default=0.999, help="Adam beta2 (both recipes)")
     sched.add_argument("--kl-weight", type=float, default=None,
                        help="multiplies the KL term (default: 1 reference, 0.1 authors). The reference's KL is "
-                            "summed over the code and divided by batch x pixels, the MSE's per-pixel scale; the "
+                            "summed over batch and code and divided by batch x pixels, the MSE's per-pixel scale; the "
                             "authors' is multiplied by 6 / pixels")
     sched.add_argument("--seed", type=int, default=0)
     sched.add_argument("--lr", type=float, default=1e-4, help="reference recipe: Adam learning rate of all three optimisers")
@@ -114,7 +114,8 @@ def get_args_parser():
     run.add_argument("--log-every", type=int, default=50, help="iterations between progress-bar/log updates")
     run.add_argument("--sample-every", type=int, default=1000, help="iterations between swap grids")
     run.add_argument("--on-nan", default="stop", choices=["stop", "skip"],
-                     help="on a NaN/inf loss: stop the run, or skip that update (checks every update)")
+                     help="on a NaN/inf loss: stop the run (checks the iteration's logged losses), or skip "
+                          "that update (checks every update's loss)")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm progress bar")
     speed = p.add_argument_group("device and speed")
     speed.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -232,8 +233,8 @@ class Trainer:
         self.skipped_updates = 0
 
     def make_optimizers(self, args):
-        # Reconstruction and generator updates share the encoder/decoder parameters but, as in
-        # the reference, keep separate Adam states.
+        # Reconstruction and generator updates share the encoder/decoder parameters but keep separate
+        # Adam states, like the reference's auto_encoder_optimizer and generator_optimizer.
         adam = dict(lr=args.lr, betas=(args.beta1, args.beta2))
         self.opt_ae = torch.optim.Adam(self.ae_params, **adam)
         self.opt_gen = torch.optim.Adam(self.ae_params, **adam)
@@ -518,7 +519,7 @@ def authors_iteration(t):
               + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
     t.update(t.opt_disc, d_loss)
     d_acc = torch.cat([real_logits > 0, fake_logits < 0]).float().mean()
-    values = torch.stack([rec, swap, kl, adv, d_loss, d_acc]).detach().tolist()  # the one host read
+    values = torch.stack([rec, swap, kl, adv, d_loss, d_acc]).detach().tolist()  # one host read for all six
     return {**dict(zip(AUTHORS_METRICS, values)), "disc_stepped": 1}
 
 
@@ -737,8 +738,9 @@ def run_training(args, ckpt, cfg, world, device):
         cfg = replace(cfg, label_sizes=conditioning_labels(train_set)[1])
     if args.batch_size > len(train_set):
         raise UserError(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_set)} images)")
-    # An epoch is floor(N / global batch) iterations, though an iteration draws several batches (the
-    # reference recipe 1 + 2 x --gen-steps + 2 x --disc-steps of anchors, 7 by default).
+    # An epoch is floor(N / global batch) iterations, as the reference's int(len / batch_size) loop, though
+    # an iteration draws several batches (the reference recipe 1 + 2 x --gen-steps + 2 x --disc-steps
+    # batches of anchors, 7 by default).
     steps_per_epoch = max(1, len(train_set) // (args.batch_size * world.size))
     total = args.max_steps if args.max_steps is not None else args.epochs * steps_per_epoch
     ckpt_every = args.checkpoint_every or steps_per_epoch

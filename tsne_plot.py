@@ -3,7 +3,7 @@
     python tsne_plot.py --checkpoint runs/mnist/checkpoints/last.pt --space s --num-points 2000 --out s.png
 
 A disentangled model shows one cluster per class in s and no class structure in z.
-The embedding is openTSNE's FFT-accelerated t-SNE, seeded.
+The embedding is openTSNE's t-SNE, seeded (Barnes-Hut below 10,000 points, FFT-accelerated above).
 """
 import argparse
 import os
@@ -24,7 +24,7 @@ def get_args_parser():
     p.add_argument("--space", default="s", choices=["z", "s"], help="the code to embed")
     p.add_argument("--z-source", default="mean", choices=Z_SOURCES,
                    help="z = the mean of q(z|x), or one reparameterised draw from it")
-    p.add_argument("--num-points", type=int, default=2000, help="test images embedded (a seeded random subset)")
+    p.add_argument("--num-points", type=int, default=2000, help="images of --split embedded (a seeded random subset)")
     p.add_argument("--split", default="test", help="dataset split the images come from")
     p.add_argument("--color-by", default="class",
                    help="'class', or the name of one of the dataset's integer factors (Sprites: action, hair, ...)")

@@ -181,11 +181,13 @@ def writing(what, path):
 
 @contextmanager
 def atomic_write(path, what="the file", mode="wb", **open_kwargs):
-    """Every output file of the project is written through this: the block writes into a temporary
-    file beside `path`, which is then fsynced and renamed over `path`. A crash at any moment leaves
-    either the previous file or the new one, never a partial one; a failure (disk full, an
-    exception inside torch.save, ...) also removes the temporary file, so the space is back, and
-    an OSError becomes a WriteError naming `what` and `path`. The folder is made if missing."""
+    """Checkpoints, config.json, the data caches, classify_latents.py's results and the figures are
+    written through this (metrics.csv, log.txt and the TensorBoard events are appended instead).
+    The block writes into a temporary file beside `path`, which is then fsynced and renamed over
+    `path`. A crash at any moment leaves either the previous file or the new one, never a partial
+    one; a failure (disk full, an exception inside torch.save, ...) also removes the temporary file,
+    so the space is back, and an OSError becomes a WriteError naming `what` and `path`. The folder
+    is made if missing."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         with writing(what, path):

@@ -30,7 +30,8 @@ def reconstruction_losses(enc, dec, x1, x2, eps, n_pixels):
 
 
 def generator_losses(enc, dec, disc, x1, x3, eps1, eps2, n_pixels):
-    """Accumulates the generator update's gradients (into D too, as the reference); returns the GAN loss."""
+    """Accumulates the generator update's gradients (into D too, as the reference's backward does); returns
+    the GAN loss."""
     real = torch.ones(len(x1), dtype=torch.long, device=x1.device)
     mu1, lv1, _ = enc(x1)
     z1 = mu1 + torch.exp(0.5 * lv1) * eps1

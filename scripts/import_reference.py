@@ -1,7 +1,9 @@
 """Convert the reference implementation's released MNIST weights into this project's evaluation file.
 
-    python scripts/import_reference.py --reference-dir ../shared/reference-checkpoint/mnist_z16_s16 --out R.pt
-    python classify_latents.py --checkpoint R.pt --data-root ../shared/data
+    python scripts/import_reference.py --reference-dir REF/checkpoints --out R.pt
+    python classify_latents.py --checkpoint R.pt --data-root DIR
+
+REF is a clone of the reference repository, whose checkpoints/ folder holds its released weights.
 
 The reference (ananyahjha93/disentangling-factors-of-variation-using-adversarial-training) saved three
 plain state dicts, `encoder`, `decoder` and `discriminator`, of networks with the same layers as ours
