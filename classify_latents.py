@@ -164,11 +164,11 @@ def main(args):
            "targets": {name: classify_target(name, fy, ty, codes, args) for name, (fy, ty) in targets.items()}}
 
     # q(z|x) against the prior, and the errors of decoding from z = mu, on the test images
-    mu, logvar, s = posterior_codes(encoder, test_set.images)
+    mu, logvar, s = posterior_codes(encoder, test_set.images, cfg=cfg)
     res["posterior"] = {k: round(v, 6) if isinstance(v, float) else [round(x, 6) for x in v]
                         for k, v in posterior_stats(mu, logvar).items()}
     res["errors"] = {k: round(v, 8) if isinstance(v, float) else v for k, v in
-                     swap_errors(decoder, test_set.images, test_set.labels, mu, s, args.swap_pairs, args.seed).items()}
+                     swap_errors(decoder, test_set.images, test_set.labels, mu, s, args.swap_pairs, args.seed, cfg=cfg).items()}
 
     if args.swap:
         # the judge: a plain CNN trained on the real images the latent classifiers are fitted on

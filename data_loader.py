@@ -72,7 +72,7 @@ MNIST_FILES = {
 
 def load_mnist(root, split="train"):
     """MNIST through torchvision from <root>/MNIST/raw/, downloading only where allowed."""
-    from torchvision.datasets import MNIST
+    from torchvision.datasets import MNIST  # here, not at the top: torchvision takes a second to import
 
     if split not in MNIST_FILES:
         raise DataError(f"MNIST has no '{split}' split (choose train or test)")
@@ -536,7 +536,7 @@ def load_sprites(root, split="train"):
     if os.path.isdir(sheets):
         return load_rendered_sprites(sheets, split)
     raise DataError(f"2D Sprites not found in {root}: put Reed's files (sprites_<i>.mat, sprites_splits.mat) "
-                    f"in {reed}/, or the LPC layer sheets in {sheets}/ to render an equivalent set (see README)")
+                    f"in {reed}/, or the LPC layer sheets in {sheets}/ to render an equivalent set (see docs/datasets.md)")
 
 
 # ---------------------------------------------------------------- Reed's files
@@ -561,7 +561,7 @@ def read_reed_character(path):
     channel). HDF5 stores MATLAB arrays with their dimensions reversed, so h5py sees
     10800 x frames; the frame axis is found as the one that is not 10800 long.
     """
-    import h5py
+    import h5py  # here: only Reed's .mat files need it
 
     n_pix = 3 * SPRITES_SIZE * SPRITES_SIZE
     images, action, direction, frame = [], [], [], []
@@ -602,7 +602,7 @@ def load_reed_sprites(folder, split="train"):
     SPRITES_ACTIONS), direction (0-3, SPRITES_DIRECTIONS), frame, and identity (the
     0-based character index over all splits). Layer labels are not in Reed's files.
     """
-    import scipy.io
+    import scipy.io  # here: only Reed's older .mat files need it
 
     _check_split(split)
     splits_path = os.path.join(folder, "sprites_splits.mat")

@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from data_loader import DataError, ImageSet, dataset_options, default_data_root, load_dataset
 from networks import Classifier, ImageClassifier, reparameterize
-from utils import checkpoint_dataset, model_images, to_float
+from utils import checkpoint_dataset, display_images, model_images
 
 Z_SOURCES = ("mean", "sample")  # z of an image: the mean of q(z|x), or one reparameterised draw
 
@@ -52,10 +52,12 @@ def encode_dataset(encoder, images_u8, batch_size=1000, z_source="mean", generat
 
 
 @torch.no_grad()
-def posterior_codes(encoder, images_u8, batch_size=1000):
-    """mu and log-variance of q(z|x), and s, of uint8 images (N, C, H, W), on the CPU."""
+def posterior_codes(encoder, images_u8, batch_size=1000, cfg=None):
+    """mu and log-variance of q(z|x), and s, of uint8 images (N, C, H, W), on the CPU; images as the
+    networks of `cfg` take them (model_images)."""
     device = next(encoder.parameters()).device
-    out = [encoder(to_float(images_u8[i:i + batch_size].to(device))) for i in range(0, len(images_u8), batch_size)]
+    out = [encoder(model_images(images_u8[i:i + batch_size].to(device), cfg))
+           for i in range(0, len(images_u8), batch_size)]
     return tuple(torch.cat([o[k].float().cpu() for o in out]) for k in range(3))
 
 
@@ -87,11 +89,12 @@ def same_class_pairs(labels, num_pairs, generator):
 
 
 @torch.no_grad()
-def swap_errors(decoder, images_u8, labels, mu, s, num_pairs, seed, batch_size=1000):
+def swap_errors(decoder, images_u8, labels, mu, s, num_pairs, seed, batch_size=1000, cfg=None):
     """Per-pixel mean squared error against x_i of dec(z_i, s_i) ("reconstruction") and of
     dec(z_i, s_j) for random same-class pairs i != j ("same_class_swap"), z = the mean mu of
     q(z|x). A z that carries no style cannot put x_i's style back, so its swap error is high.
-    Both None (0 pairs) where no class has two images."""
+    Both None (0 pairs) where no class has two images. Images in [0, 1] at the networks' size
+    (display_images of model_images), so that both recipes' errors are on one scale."""
     device = next(decoder.parameters()).device
     pairs = same_class_pairs(labels, num_pairs, torch.Generator().manual_seed(seed))
     if pairs is None:
@@ -100,9 +103,10 @@ def swap_errors(decoder, images_u8, labels, mu, s, num_pairs, seed, batch_size=1
     total = {"reconstruction": 0.0, "same_class_swap": 0.0}
     for k in range(0, num_pairs, batch_size):
         bi, bj = i[k:k + batch_size], j[k:k + batch_size]
-        x, z = to_float(images_u8[bi]).to(device), mu[bi].to(device)
+        x, z = display_images(model_images(images_u8[bi].to(device), cfg), cfg), mu[bi].to(device)
         for name, s_src in (("reconstruction", bi), ("same_class_swap", bj)):
-            total[name] += (decoder(z, s[s_src].to(device)).float() - x).pow(2).flatten(1).mean(1).double().sum().item()
+            out = display_images(decoder(z, s[s_src].to(device)).float(), cfg)
+            total[name] += (out - x).pow(2).flatten(1).mean(1).double().sum().item()
     return {**{k: v / num_pairs for k, v in total.items()}, "pairs": num_pairs}
 
 
@@ -217,7 +221,7 @@ def accuracy(model, inputs, labels, batch_size=2000, cfg=None):
 
 def linear_probe(fit_x, fit_y, test_x, test_y, seed, max_iter=200):
     """Multinomial logistic regression on standardised codes (scikit-learn): (fit acc, test acc)."""
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression  # here: scikit-learn is slow to import, the probe optional
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed))

@@ -41,7 +41,7 @@ def get_args_parser():
 
 def embed(codes, perplexity, seed, threads):
     """2-D openTSNE embedding (N, 2) of codes (N, D)."""
-    from openTSNE import TSNE
+    from openTSNE import TSNE  # here: slow to import, and the plot alone needs it
     n = len(codes)
     perplexity = min(perplexity, (n - 1) / 3)  # t-SNE needs about 3 x perplexity neighbours per point
     tsne = TSNE(perplexity=perplexity, n_jobs=threads, random_state=seed, verbose=False)
@@ -49,7 +49,7 @@ def embed(codes, perplexity, seed, threads):
 
 
 def plot(xy, labels, title, legend_title, path, dpi):
-    import matplotlib
+    import matplotlib  # here: slow to import, and tests call the rest without plotting
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     classes = np.unique(labels)

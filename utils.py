@@ -120,7 +120,7 @@ def code_version():
 
 
 def library_versions():
-    import torchvision
+    import torchvision  # here, not at the top: a second to import, and only for the version record
     return {"code": code_version(), "python": platform.python_version(), "torch": str(torch.__version__),
             "torchvision": str(torchvision.__version__), "numpy": str(np.__version__)}
 
@@ -335,7 +335,7 @@ def swap_grid(encoder, decoder, x_style, x_class):
 
 def save_grid_png(grid, path):
     """Write a (rows, cols, C, H, W) image grid as one PNG."""
-    from torchvision.utils import save_image
+    from torchvision.utils import save_image  # here: torchvision is slow to import, grids are rare
     with atomic_write(path, "the swap grid") as f:
         save_image(grid.flatten(0, 1).float().cpu(), f, format="png", nrow=grid.shape[1], padding=2, pad_value=0.5)
 

@@ -81,7 +81,7 @@ def main(args):
     gate = args.gate if args.gate is not None else run_gate(args.run_dir)
     out = args.out or os.path.join(args.run_dir, "loss_curves.png")
 
-    import matplotlib
+    import matplotlib  # here: slow to import; the curves are read and checked without it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))

@@ -93,7 +93,7 @@ def canvas(grid, sep=1, sep_value=0.75):
 
 def render(grid, n_rows, prior_rows, out, dpi, cell_inches):
     """Save the grid as OUT.png and OUT.pdf: no axes, thin separators, prior rows labelled."""
-    import matplotlib
+    import matplotlib  # here: slow to import, only the figure needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     img = canvas(grid)
