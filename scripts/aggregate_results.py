@@ -24,13 +24,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from utils import HelpFormatter, UserError, run_cli  # noqa: E402
 
-# (header, path of the number in classify_latents.py's JSON)
+# (header, path of the number in classify_latents.py's JSON, decimals)
 COLUMNS = [
-    ("z train", "targets.class.mlp.z_train"), ("z test", "targets.class.mlp.z_test"),
-    ("s train", "targets.class.mlp.s_train"), ("s test", "targets.class.mlp.s_test"),
-    ("linear z test", "targets.class.linear.z_test"), ("linear s test", "targets.class.linear.s_test"),
-    ("swap", "swap.swap"), ("prior swap", "swap.prior"), ("z leak", "swap.style_leak"),
-    ("D stepped", "disc_stepped"),  # from the run's metrics.csv, see disc_stepped()
+    ("z train", "targets.class.mlp.z_train", 2), ("z test", "targets.class.mlp.z_test", 2),
+    ("s train", "targets.class.mlp.s_train", 2), ("s test", "targets.class.mlp.s_test", 2),
+    ("linear z test", "targets.class.linear.z_test", 2), ("linear s test", "targets.class.linear.s_test", 2),
+    ("swap", "swap.swap", 2), ("prior swap", "swap.prior", 2), ("z leak", "swap.style_leak", 2),
+    ("rec MSE", "errors.reconstruction", 4), ("same-class swap MSE", "errors.same_class_swap", 4),
+    ("KL/dim", "posterior.kl_per_dim", 3),
+    ("D stepped", "disc_stepped", 2),  # from the run's metrics.csv, see disc_stepped()
 ]
 # What the files of one row must share.
 SAME = ("dataset", "style_dim", "class_dim", "z_source", "step")
@@ -76,21 +78,21 @@ def disc_stepped(d):
     return 100.0 * sum(flags) / len(flags) if flags else None
 
 
-def cell(values):
+def cell(values, digits=2):
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def table(rows):
     """rows: [(label, [json dict, ...])] -> Markdown table (str)."""
-    used = [(h, path) for h, path in COLUMNS if any(lookup(d, path) is not None for _, ds in rows for d in ds)]
-    lines = ["| setting | seeds | z | " + " | ".join(h for h, _ in used) + " |",
+    used = [c for c in COLUMNS if any(lookup(d, c[1]) is not None for _, ds in rows for d in ds)]
+    lines = ["| setting | seeds | z | " + " | ".join(h for h, _, _ in used) + " |",
              "|---|---:|---|" + "---:|" * len(used)]
     for label, ds in rows:
-        cells = [cell([lookup(d, path) for d in ds if lookup(d, path) is not None]) for _, path in used]
+        cells = [cell([lookup(d, path) for d in ds if lookup(d, path) is not None], digits) for _, path, digits in used]
         lines.append(f"| {label} | {len(ds)} | {ds[0].get('z_source', '?')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

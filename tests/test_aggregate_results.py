@@ -80,3 +80,17 @@ def test_share_of_iterations_whose_discriminator_stepped(tmp_path):
     md = run([("at 8", [str(path)]), ("exported", [exported])])
     assert dict(zip(header(md), cells(md, "at 8")))["D stepped"] == "25.00"  # 2 of the first 8
     assert dict(zip(header(md), cells(md, "exported")))["D stepped"] == "–"
+
+
+def test_error_and_kl_columns_keep_their_decimals(tmp_path):
+    files = []
+    for i, (rec, swap_err, kl) in enumerate([(0.01187, 0.01346, 0.0824), (0.01213, 0.01402, 0.0901)]):
+        d = json.loads(open(result(tmp_path, f"e{i}", 70.0, 98.0)).read())
+        d["errors"] = {"reconstruction": rec, "same_class_swap": swap_err, "pairs": 10}
+        d["posterior"] = {"kl_per_dim": kl}
+        (tmp_path / f"e{i}.json").write_text(json.dumps(d))
+        files.append(str(tmp_path / f"e{i}.json"))
+    row = dict(zip(header(md := run([("two", files)])), cells(md, "two")))
+    assert row["rec MSE"] == f"{statistics.mean([0.01187, 0.01213]):.4f} ± {statistics.stdev([0.01187, 0.01213]):.4f}" == "0.0120 ± 0.0002"
+    assert row["same-class swap MSE"] == "0.0137 ± 0.0004"
+    assert row["KL/dim"] == "0.086 ± 0.005"
