@@ -4,7 +4,9 @@
 
 Reads <run_dir>/metrics.csv (one row per iteration, written by train.py). Each panel shows
 the raw curve faintly and its moving average on top; the discriminator-accuracy panel marks
-the gate above which the discriminator is not updated.
+the gate above which the discriminator is not updated (reference recipe; the authors' recipe has
+none). The KL panel turns logarithmic when the curve spans more than two decades (the authors'
+recipe starts near 10^5 nats).
 """
 import argparse
 import csv
@@ -30,7 +32,8 @@ def get_args_parser():
     p.add_argument("--smooth", type=int, default=None,
                    help="moving-average window in iterations (default: 1%% of the run, at least 1)")
     p.add_argument("--gate", type=float, default=None,
-                   help="discriminator gate to mark (default: the run's --disc-gate from config.json, else 0.8)")
+                   help="discriminator gate to mark (default: the run's --disc-gate from config.json, none for "
+                        "an authors-recipe run, else 0.8)")
     p.add_argument("--dpi", type=int, default=150)
     return p
 
@@ -65,11 +68,18 @@ def moving_average(y, window):
 
 
 def run_gate(run_dir):
+    """The run's discriminator gate; None for the authors' recipe, whose discriminator always steps."""
     try:
         with open(os.path.join(run_dir, "config.json")) as f:
-            return float(json.load(f)["args"]["disc_gate"])
-    except (OSError, ValueError, KeyError, TypeError):
+            args = json.load(f)["args"]
+        return None if args.get("recipe") == "authors" else float(args["disc_gate"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return 0.8
+
+
+def y_scale(y):
+    """'log' for a positive curve spanning more than two decades, else 'linear'."""
+    return "log" if y.min() > 0 and y.max() > 100 * y.min() else "linear"
 
 
 def main(args):
@@ -89,10 +99,12 @@ def main(args):
         ax.plot(m["step"], m[key], color="C0", alpha=0.25, linewidth=0.6, label="raw")
         ax.plot(m["step"], moving_average(m[key], window), color="C0", linewidth=1.5,
                 label=f"mean of {window}")
+        ax.set_yscale(y_scale(m[key]) if key == "kl" else "linear")
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-    axes[-1].axhline(gate, color="C3", linestyle="--", linewidth=1, label=f"gate {gate:g}")
+    if gate is not None:
+        axes[-1].axhline(gate, color="C3", linestyle="--", linewidth=1, label=f"gate {gate:g}")
     axes[-1].set_ylim(-0.02, 1.02)
     axes[-1].legend(loc="lower right", fontsize=8)
     fig.tight_layout()

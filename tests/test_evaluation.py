@@ -437,6 +437,19 @@ def test_loss_curves(run, tmp_path):
     assert ma[0] == pytest.approx(y[0]) and ma[20] == pytest.approx(y[14:21].mean())
 
 
+@pytest.mark.parametrize("args,gate", [({"recipe": "reference", "disc_gate": 0.9}, 0.9), ({"recipe": "authors", "disc_gate": 0.8}, None),
+                                       ({"disc_gate": 0.7}, 0.7)])
+def test_loss_curves_mark_the_gate_only_where_the_run_has_one(tmp_path, args, gate):
+    (tmp_path / "config.json").write_text(json.dumps({"args": args}))
+    assert loss_curves.run_gate(str(tmp_path)) == gate
+
+
+def test_loss_curves_kl_panel_turns_logarithmic_over_two_decades():
+    assert loss_curves.y_scale(np.array([9e4, 60.0, 45.0])) == "log"
+    assert loss_curves.y_scale(np.array([0.03, 0.02, 0.025])) == "linear"
+    assert loss_curves.y_scale(np.array([5.0, 0.0, 1e4])) == "linear"  # not positive: no log axis
+
+
 # ----------------------------------------------------------------------------- the pretrained file
 
 def test_pretrained_file_is_small_and_enough_for_every_command(run, tmp_path):
