@@ -7,7 +7,8 @@
 
 One row per --row (a label, then the JSON files of its seeds). Each cell is the mean over the row's
 files ± the sample standard deviation (n - 1 in the denominator); a row of one file shows its value.
-A column appears when any file has its number; a row whose files lack it shows "–". The files of a row
+`--target NAME` reads the classifiers of another target of the JSON (e.g. `direction` on Sprites; default
+`class`, the specified factor). A column appears when any file has its number; a row whose files lack it shows "–". The files of a row
 must agree on dataset, code sizes, z source and step, so that seeds of one setting are averaged and
 nothing else. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
 stepped (the 80% gate open), read from the run's metrics.csv when the checkpoint named in the JSON
@@ -43,6 +44,8 @@ def get_args_parser():
                                 formatter_class=HelpFormatter)
     p.add_argument("--row", nargs="+", action="append", required=True, metavar=("LABEL", "JSON"),
                    help="a row: its label, then the JSON files of its seeds")
+    p.add_argument("--target", default="class",
+                   help="which target's classifiers fill the z/s columns (e.g. identity, direction on Sprites)")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     return p
 
@@ -86,10 +89,12 @@ def cell(values, digits=2):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(rows):
-    """rows: [(label, [json dict, ...])] -> Markdown table (str)."""
-    used = [c for c in COLUMNS if any(lookup(d, c[1]) is not None for _, ds in rows for d in ds)]
-    lines = ["| setting | seeds | z | " + " | ".join(h for h, _, _ in used) + " |",
+def table(rows, target="class"):
+    """rows: [(label, [json dict, ...])] -> Markdown table (str); target: whose classifiers fill z/s."""
+    columns = [(h, path.replace("targets.class.", f"targets.{target}."), digits) for h, path, digits in COLUMNS]
+    used = [c for c in columns if any(lookup(d, c[1]) is not None for _, ds in rows for d in ds)]
+    first = "setting" if target == "class" else f"setting (target: {target})"
+    lines = [f"| {first} | seeds | z | " + " | ".join(h for h, _, _ in used) + " |",
              "|---|---:|---|" + "---:|" * len(used)]
     for label, ds in rows:
         cells = [cell([lookup(d, path) for d in ds if lookup(d, path) is not None], digits) for _, path, digits in used]
@@ -113,7 +118,9 @@ def main(args):
         ds = [read(f) for f in files]
         check_row(label, files, ds)
         rows.append((label, ds))
-    md = table(rows)
+    if not any(lookup(d, f"targets.{args.target}") for _, ds in rows for d in ds):
+        raise UserError(f"no file has the target '{args.target}'")
+    md = table(rows, args.target)
     print(md, end="")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

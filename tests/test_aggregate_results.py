@@ -94,3 +94,16 @@ def test_error_and_kl_columns_keep_their_decimals(tmp_path):
     assert row["rec MSE"] == f"{statistics.mean([0.01187, 0.01213]):.4f} ± {statistics.stdev([0.01187, 0.01213]):.4f}" == "0.0120 ± 0.0002"
     assert row["same-class swap MSE"] == "0.0137 ± 0.0004"
     assert row["KL/dim"] == "0.086 ± 0.005"
+
+
+def test_another_target_fills_the_z_and_s_columns(tmp_path):
+    d = json.loads(open(result(tmp_path, "f", 70.0, 98.0)).read())
+    d["targets"]["direction"] = {"mlp": {"z_train": 99.0, "z_test": 97.5, "s_train": 40.0, "s_test": 30.25}}
+    (tmp_path / "f.json").write_text(json.dumps(d))
+    md = aggregate_results.main(aggregate_results.get_args_parser().parse_args(
+        ["--row", "sprites", str(tmp_path / "f.json"), "--target", "direction"]))
+    assert header(md)[0] == "setting (target: direction)"
+    row = dict(zip(header(md), cells(md, "sprites")))
+    assert (row["z test"], row["s test"]) == ("97.50", "30.25")
+    with pytest.raises(UserError, match="no file has the target 'hair'"):
+        aggregate_results.main(aggregate_results.get_args_parser().parse_args(["--row", "x", str(tmp_path / "f.json"), "--target", "hair"]))
