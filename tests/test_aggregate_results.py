@@ -23,8 +23,8 @@ def result(tmp_path, name, z_test, s_test, swap=None, z_source="sample", step=10
     return str(path)
 
 
-def run(rows, out=None):
-    argv = [a for label, files in rows for a in ["--row", label, *files]] + (["--out", out] if out else [])
+def run(rows, out=None, extra=()):
+    argv = [a for label, files in rows for a in ["--row", label, *files]] + (["--out", out] if out else []) + list(extra)
     return aggregate_results.main(aggregate_results.get_args_parser().parse_args(argv))
 
 
@@ -100,10 +100,9 @@ def test_another_target_fills_the_z_and_s_columns(tmp_path):
     d = json.loads(open(result(tmp_path, "f", 70.0, 98.0)).read())
     d["targets"]["direction"] = {"mlp": {"z_train": 99.0, "z_test": 97.5, "s_train": 40.0, "s_test": 30.25}}
     (tmp_path / "f.json").write_text(json.dumps(d))
-    md = aggregate_results.main(aggregate_results.get_args_parser().parse_args(
-        ["--row", "sprites", str(tmp_path / "f.json"), "--target", "direction"]))
+    md = run([("sprites", [str(tmp_path / "f.json")])], extra=["--target", "direction"])
     assert header(md)[0] == "setting (target: direction)"
     row = dict(zip(header(md), cells(md, "sprites")))
     assert (row["z test"], row["s test"]) == ("97.50", "30.25")
     with pytest.raises(UserError, match="no file has the target 'hair'"):
-        aggregate_results.main(aggregate_results.get_args_parser().parse_args(["--row", "x", str(tmp_path / "f.json"), "--target", "hair"]))
+        run([("x", [str(tmp_path / "f.json")])], extra=["--target", "hair"])
