@@ -7,7 +7,7 @@
 
 One row per --row (a label, then the JSON files of its seeds). Each cell is the mean over the row's
 files ± the sample standard deviation (n - 1 in the denominator); a row of one file shows its value.
-`--target NAME` reads the classifiers of another target of the JSON (e.g. `direction` on Sprites;
+`--columns` picks and orders the columns by their headers. `--target NAME` reads the classifiers of another target of the JSON (e.g. `direction` on Sprites;
 default `class`, the specified factor). A column appears when any file has its number; a row whose
 files lack it shows "–". The files of a row must agree on dataset, code sizes, z source and step, so
 that seeds of one setting are averaged and nothing else. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
@@ -32,7 +32,7 @@ COLUMNS = [
     ("linear z test", "targets.class.linear.z_test", 2), ("linear s test", "targets.class.linear.s_test", 2),
     ("swap", "swap.swap", 2), ("prior swap", "swap.prior", 2), ("z leak", "swap.style_leak", 2),
     ("rec MSE", "errors.reconstruction", 4), ("same-class swap MSE", "errors.same_class_swap", 4),
-    ("KL/dim", "posterior.kl_per_dim", 3),
+    ("KL/dim", "posterior.kl_per_dim", 3), ("mean σ", "posterior.sigma_mean", 3), ("mean abs μ", "posterior.abs_mu_mean", 3),
     ("D stepped", "disc_stepped", 2),  # from the run's metrics.csv, see disc_stepped()
 ]
 # What the files of one row must share.
@@ -46,6 +46,9 @@ def get_args_parser():
                    help="a row: its label, then the JSON files of its seeds")
     p.add_argument("--target", default="class",
                    help="which target's classifiers fill the z/s columns (e.g. identity, direction on Sprites)")
+    p.add_argument("--columns", nargs="+", default=None, metavar="HEADER",
+                   help=f"only these columns, in this order (default: every column some file has): "
+                        f"{', '.join(repr(h) for h, _, _ in COLUMNS)}")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     return p
 
@@ -89,10 +92,17 @@ def cell(values, digits=2):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(rows, target="class"):
-    """rows: [(label, [json dict, ...])] -> Markdown table (str); target: whose classifiers fill z/s."""
-    columns = [(h, path.replace("targets.class.", f"targets.{target}."), digits) for h, path, digits in COLUMNS]
-    used = [c for c in columns if any(lookup(d, c[1]) is not None for _, ds in rows for d in ds)]
+def table(rows, target="class", only=None):
+    """rows: [(label, [json dict, ...])] -> Markdown table (str); target: whose classifiers fill z/s;
+    only: the headers of the columns to show, in order (None: every column some file has)."""
+    columns = {h: (h, path.replace("targets.class.", f"targets.{target}."), digits) for h, path, digits in COLUMNS}
+    if only is not None:
+        unknown = [h for h in only if h not in columns]
+        if unknown:
+            raise UserError(f"unknown column(s) {unknown}; the columns are {list(columns)}")
+        used = [columns[h] for h in only]
+    else:
+        used = [c for c in columns.values() if any(lookup(d, c[1]) is not None for _, ds in rows for d in ds)]
     first = "setting" if target == "class" else f"setting (target: {target})"
     lines = [f"| {first} | seeds | z | " + " | ".join(h for h, _, _ in used) + " |",
              "|---|---:|---|" + "---:|" * len(used)]
@@ -120,7 +130,7 @@ def main(args):
         rows.append((label, ds))
     if not any(lookup(d, f"targets.{args.target}") for _, ds in rows for d in ds):
         raise UserError(f"no file has the target '{args.target}'")
-    md = table(rows, args.target)
+    md = table(rows, args.target, args.columns)
     print(md, end="")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -106,3 +106,18 @@ def test_another_target_fills_the_z_and_s_columns(tmp_path):
     assert (row["z test"], row["s test"]) == ("97.50", "30.25")
     with pytest.raises(UserError, match="no file has the target 'hair'"):
         run([("x", [str(tmp_path / "f.json")])], extra=["--target", "hair"])
+
+
+def test_columns_pick_and_order_and_posterior_stats_show(tmp_path):
+    d = json.loads(open(result(tmp_path, "p", 70.0, 98.0, swap=94.0)).read())
+    d["posterior"] = {"kl_per_dim": 1.2, "sigma_mean": 0.3812, "abs_mu_mean": 0.8049}
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    f = str(tmp_path / "p.json")
+    md = run([("all", [f])])
+    row = dict(zip(header(md), cells(md, "all")))
+    assert (row["mean σ"], row["mean abs μ"]) == ("0.381", "0.805")
+    md = run([("some", [f])], extra=["--columns", "prior swap", "s test", "mean σ"])
+    assert header(md) == ["setting", "seeds", "z", "prior swap", "s test", "mean σ"]
+    assert cells(md, "some")[3:] == ["20.00", "98.00", "0.381"]
+    with pytest.raises(UserError, match="unknown column"):
+        run([("x", [f])], extra=["--columns", "z tset"])
