@@ -12,6 +12,8 @@ FullDisk, refuse_writes and fail_torch_save, the ways to make a write fail, are 
 """
 import contextlib
 import errno
+import faulthandler
+import gc
 import io
 import json
 import os
@@ -134,9 +136,14 @@ def main(out, data):
     result["run_dir"] = failed_run([*common, "--run-dir", os.path.join(out, "file", "run")], "-")
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    # Free the failed runs' DistributedDataParallel wrappers (kept alive by their exceptions' traceback
+    # cycles) while the group still exists, and let no rank leave before the others are done with it.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a rank that aborts in C++ still shows where Python was
     torch.set_num_threads(1)
     main(*sys.argv[1:3])

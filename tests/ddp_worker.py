@@ -10,6 +10,7 @@ Each rank saves OUT/rank{R}.pt with what it ended with, for the test to compare:
             accuracy can make them agree.
 Both ranks also train OUT/b for STEPS // 2 iterations and resume it to STEPS, for the resume check.
 """
+import faulthandler
 import os
 import sys
 
@@ -84,8 +85,10 @@ def main(out, data):
     result["forced"] = {**trainer_state(t), "metrics": forced}
 
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    dist.barrier()  # no rank leaves while another still uses the group
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # a rank that aborts in C++ still shows where Python was
     main(*sys.argv[1:3])
