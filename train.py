@@ -623,8 +623,8 @@ def merge_resume_args(args, ckpt):
         elif v != saved.get(k):
             raise CheckpointError(f"--{k.replace('_', '-')} {v} differs from the checkpoint's "
                                   f"{saved.get(k)}: a resumed run keeps the checkpoint's setting")
-    if args.run_dir is None:  # continue in the checkpoint's own run directory
-        saved["run_dir"] = os.path.dirname(os.path.dirname(os.path.abspath(ckpt["path"])))
+    if args.run_dir is None:  # continue in the checkpoint's own run directory, named as the path was given
+        saved["run_dir"] = os.path.normpath(os.path.join(ckpt["path"], os.pardir, os.pardir))
     return argparse.Namespace(**saved)
 
 

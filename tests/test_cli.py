@@ -9,10 +9,10 @@ import torch
 from conftest import ROOT
 
 
-def train_cli(*argv, check=True):
+def train_cli(*argv, check=True, cwd=None):
     env = dict(os.environ, DISENTANGLE_NO_DOWNLOAD="1")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *argv, "--no-progress"],
-                       capture_output=True, text=True, env=env, timeout=300)
+                       capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
     if check:
         assert p.returncode == 0, p.stderr
     return p
@@ -31,6 +31,18 @@ def test_train_then_resume_through_the_command_line(fake_mnist, tmp_path):
     assert torch.load(R / "checkpoints" / "last.pt", weights_only=True)["step"] == 8
     with open(R / "metrics.csv") as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(1, 9))
+
+
+def test_a_relative_resume_path_keeps_the_run_directory_relative(fake_mnist, tmp_path):
+    """The log, the console and the next resume command name the run as the user did, not by this
+    machine's absolute path."""
+    train_cli("--data-root", fake_mnist, "--run-dir", "runs/R", "--max-steps", "2", "--batch-size", "16", cwd=tmp_path)
+    p = train_cli("--resume", "runs/R/checkpoints/last.pt", "--max-steps", "3", cwd=tmp_path)
+    assert "step 2 -> 3, " in p.stdout and "run dir runs/R" in p.stdout, p.stdout
+    assert "checkpoint runs/R/checkpoints/last.pt" in p.stdout and str(tmp_path) not in p.stdout, p.stdout
+    p = train_cli("--resume", "last.pt", "--max-steps", "4", cwd=tmp_path / "runs" / "R" / "checkpoints")
+    assert f"run dir {os.pardir}" in p.stdout and str(tmp_path) not in p.stdout, p.stdout
+    assert torch.load(tmp_path / "runs" / "R" / "checkpoints" / "last.pt", weights_only=True)["step"] == 4
 
 
 def test_help_lists_every_flag_under_its_group():
