@@ -8,11 +8,12 @@
 One row per --row (a label, then the JSON files of its seeds). Each cell is the mean over the row's
 files ± the sample standard deviation (n - 1 in the denominator); a row of one file shows its value.
 `--columns` picks and orders the columns by their headers. `--target NAME` reads the classifiers of
-another target of the JSON (e.g. `direction` on Sprites; default `class`, the specified factor). A column appears when any file has its number; a row whose
-files lack it shows "–". The files of a row must agree on dataset, code sizes, z source and step, so
-that seeds of one setting are averaged and nothing else. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
-stepped (the 80% gate open), read from the run's metrics.csv when the checkpoint named in the JSON
-still sits in its run directory (runs/NAME/checkpoints/...).
+another target of the JSON (e.g. `direction` on Sprites; default `class`, the specified factor). A
+column appears when any file has its number; a row whose files lack it shows "–". The files of a row
+must agree on dataset, code sizes, z source and step, so that seeds of one setting are averaged and
+nothing else. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
+stepped (the 80% gate open), read from the run's metrics.csv when the checkpoint named in the JSON still
+sits in its run directory (runs/NAME/checkpoints/...).
 """
 import csv
 import argparse
