@@ -444,6 +444,42 @@ def test_loss_curves_mark_the_gate_only_where_the_run_has_one(tmp_path, args, ga
     assert loss_curves.run_gate(str(tmp_path)) == gate
 
 
+def fake_run(path, stepped, gate, with_stepped=True):
+    """A run directory whose metrics.csv has one row per entry of `stepped`."""
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps({"args": {"recipe": "reference", "disc_gate": gate}}))
+    cols = "step,epoch,recon_loss,kl,gen_loss,disc_loss,disc_acc" + ",disc_stepped" * with_stepped
+    rows = [f"{i + 1},0,{0.5 / (i + 1)},0.02,1.5,1.0,0.7" + f",{d}" * with_stepped for i, d in enumerate(stepped)]
+    (path / "metrics.csv").write_text("\n".join([cols] + rows) + "\n")
+    return str(path)
+
+
+def test_loss_curves_overlay_several_runs_with_their_gates_and_discriminator_steps(tmp_path, capsys):
+    a = fake_run(tmp_path / "a", [1, 0, 1, 1, 0, 0, 1, 1], gate=0.8)
+    b = fake_run(tmp_path / "b", [1, 1, 1, 0, 1], gate=1.0)
+    out = tmp_path / "both.png"
+    loss_curves.main(loss_curves.get_args_parser().parse_args([a, b, "--labels", "A", "B", "--out", str(out)]))
+    assert out.stat().st_size > 10000
+    fig = loss_curves.plot([("A", loss_curves.read_metrics(a)), ("B", loss_curves.read_metrics(b))], 2, [0.8, 1.0])
+    recon, acc, stepped = fig.axes[0], fig.axes[4], fig.axes[5]
+    assert len(fig.axes) == 6 and [line.get_label() for line in recon.lines] == ["A", "B"]
+    assert list(recon.lines[1].get_ydata()) == pytest.approx([0.5, 0.375, 0.5 * (1 / 2 + 1 / 3) / 2, 0.5 * (1 / 3 + 1 / 4) / 2, 0.5 * (1 / 4 + 1 / 5) / 2])
+    assert list(stepped.lines[0].get_ydata()) == pytest.approx([1, 1 / 2, 2 / 3, 3 / 4, 3 / 5, 3 / 6, 4 / 7, 5 / 8])
+    assert list(stepped.lines[1].get_ydata()) == pytest.approx([1, 1, 1, 3 / 4, 4 / 5])
+    assert [line.get_label() for line in acc.lines] == ["A", "B", "gate 0.8", "gate 1"]
+    loss_curves.main(loss_curves.get_args_parser().parse_args([a, b, "--max-step", "3", "--out", str(out)]))
+    assert "(3, 3 iterations" in capsys.readouterr().out
+    old = fake_run(tmp_path / "old", [1, 0], gate=0.8, with_stepped=False)  # written before the column existed
+    assert len(loss_curves.plot([("old", loss_curves.read_metrics(old))], 1, [0.8]).axes) == 5
+
+
+@pytest.mark.parametrize("argv,message", [(["--labels", "A", "--out", "x.png"], "1 label"), ([], "need --out")])
+def test_loss_curves_of_several_runs_refuse_what_is_ambiguous(tmp_path, argv, message):
+    runs = [fake_run(tmp_path / "a", [1], gate=0.8), fake_run(tmp_path / "b", [1], gate=0.8)]
+    with pytest.raises(utils.UserError, match=message):
+        loss_curves.main(loss_curves.get_args_parser().parse_args(runs + argv))
+
+
 def test_loss_curves_kl_panel_turns_logarithmic_over_two_decades():
     assert loss_curves.y_scale(np.array([9e4, 60.0, 45.0])) == "log"
     assert loss_curves.y_scale(np.array([0.03, 0.02, 0.025])) == "linear"
