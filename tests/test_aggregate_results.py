@@ -1,4 +1,5 @@
-"""scripts/aggregate_results.py: mean ± sd over seeds from classify_latents.py JSON files."""
+"""scripts/aggregate_results.py (mean ± sd over seeds) and scripts/plot_results.py (measures over iterations),
+from classify_latents.py JSON files."""
 import json
 import os
 import statistics
@@ -11,6 +12,7 @@ from utils import UserError
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import aggregate_results  # noqa: E402
+import plot_results  # noqa: E402
 
 
 def result(tmp_path, name, z_test, s_test, swap=None, z_source="sample", step=100):
@@ -121,3 +123,27 @@ def test_columns_pick_and_order_and_posterior_stats_show(tmp_path):
     assert cells(md, "some")[3:] == ["20.00", "98.00", "0.381"]
     with pytest.raises(UserError, match="unknown column"):
         run([("x", [f])], extra=["--columns", "z tset"])
+
+
+def plot(series, out, columns=None):
+    argv = [a for label, files in series for a in ["--series", label, *files]] + ["--out", out]
+    return plot_results.main(plot_results.get_args_parser().parse_args(argv + (["--columns", *columns] if columns else [])))
+
+
+def test_plot_results_puts_each_series_at_its_steps_in_order(tmp_path):
+    a = [result(tmp_path, f"a{s}", z_test=50 - s / 10, s_test=90 + s / 100, swap=80.0 + s / 10, step=s) for s in (300, 100, 200)]
+    b = [result(tmp_path, "b100", z_test=40.0, s_test=95.0, step=100), result(tmp_path, "b200", z_test=30.0, s_test=96.0, swap=85.0, step=200)]
+    out = tmp_path / "p.png"
+    lines = plot([("seed 0", a), ("seed 1", b)], str(out))
+    assert out.stat().st_size > 5000
+    assert lines["z test"] == [("seed 0", [100, 200, 300], [40.0, 30.0, 20.0]), ("seed 1", [100, 200], [40.0, 30.0])]
+    assert lines["swap"][1] == ("seed 1", [200], [85.0])  # b100 has no swap numbers: left out, not zero
+    assert lines["s test"][0][2] == pytest.approx([91.0, 92.0, 93.0])
+
+
+@pytest.mark.parametrize("case,message", [("mix", "mix z_source"), ("column", "unknown column"), ("empty", "names no JSON")])
+def test_plot_results_refuses_what_is_not_one_run_or_not_a_measure(tmp_path, case, message):
+    files = [result(tmp_path, "a", 50.0, 90.0, step=100), result(tmp_path, "b", 40.0, 91.0, z_source="mean" if case == "mix" else "sample", step=200)]
+    series = [("s", [] if case == "empty" else files)]
+    with pytest.raises(UserError, match=message):
+        plot(series, str(tmp_path / "p.png"), columns=["z test", "nope"] if case == "column" else None)
