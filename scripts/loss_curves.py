@@ -120,7 +120,7 @@ def plot(runs, window, gates):
             ax.set_ylim(-0.02, 1.02)
     acc = axes[[k for k, _ in panels].index("disc_acc")]
     for gate in gates:
-        acc.axhline(gate, color="C3", linestyle="--", linewidth=1, label=f"gate {gate:g}")
+        acc.axhline(gate, color="k", linestyle="--", linewidth=0.8, label=f"gate {gate:g}")
     acc.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
