@@ -34,12 +34,17 @@ def get_args_parser():
     return p
 
 
-def points(files, path):
-    """(steps, values) of one series, in step order; files whose JSON lacks the measure are left out."""
+def read_series(files):
+    """The JSON dicts of one series, read once; they must come from one run's kind of checkpoint."""
     ds = [read(f) for f in files]
     for key in ("dataset", "style_dim", "class_dim", "z_source"):
         if len({str(d.get(key)) for d in ds}) > 1:
             raise UserError(f"the files {', '.join(files)} mix {key} values: a series follows one run")
+    return ds
+
+
+def points(ds, path):
+    """(steps, values) of one series, in step order; files whose JSON lacks the measure are left out."""
     pairs = sorted((d["step"], lookup(d, path)) for d in ds if lookup(d, path) is not None)
     return [s for s, _ in pairs], [v for _, v in pairs]
 
@@ -52,7 +57,8 @@ def main(args):
     for label, *files in args.series:
         if not files:
             raise UserError(f"series '{label}' names no JSON file")
-    lines = {h: [(label, *points(files, paths[h])) for label, *files in args.series] for h in args.columns}
+    series = [(label, read_series(files)) for label, *files in args.series]
+    lines = {h: [(label, *points(ds, paths[h])) for label, ds in series] for h in args.columns}
 
     import matplotlib  # here: slow to import; the files are read and checked without it
     matplotlib.use("Agg")
