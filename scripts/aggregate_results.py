@@ -113,12 +113,17 @@ def table(rows, target="class", only=None):
     return "\n".join(lines) + "\n"
 
 
+def mixed_key(ds, keys=SAME):
+    """The first of `keys` on which the JSON dicts disagree, or None."""
+    return next((k for k in keys if len({json.dumps(d.get(k)) for d in ds}) > 1), None)
+
+
 def check_row(label, files, ds):
-    for key in SAME:
-        values = {json.dumps(d.get(key)) for d in ds}
-        if len(values) > 1:
-            raise UserError(f"row '{label}' mixes {key} values {sorted(values)} ({', '.join(files)}): "
-                            f"a row averages seeds of one setting")
+    key = mixed_key(ds)
+    if key is not None:
+        values = sorted({json.dumps(d.get(key)) for d in ds})
+        raise UserError(f"row '{label}' mixes {key} values {values} ({', '.join(files)}): "
+                        f"a row averages seeds of one setting")
 
 
 def main(args):

@@ -16,7 +16,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # aggregate_results, beside this file
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from aggregate_results import COLUMNS, lookup, read  # noqa: E402
+from aggregate_results import COLUMNS, SAME, lookup, mixed_key, read  # noqa: E402
 from utils import HelpFormatter, UserError, atomic_write, run_cli  # noqa: E402
 
 DEFAULT = ["z test", "s test", "swap", "prior swap"]
@@ -37,9 +37,9 @@ def get_args_parser():
 def read_series(files):
     """The JSON dicts of one series, read once; they must come from one run's kind of checkpoint."""
     ds = [read(f) for f in files]
-    for key in ("dataset", "style_dim", "class_dim", "z_source"):
-        if len({str(d.get(key)) for d in ds}) > 1:
-            raise UserError(f"the files {', '.join(files)} mix {key} values: a series follows one run")
+    key = mixed_key(ds, [k for k in SAME if k != "step"])  # a run's checkpoints differ in step only
+    if key is not None:
+        raise UserError(f"the files {', '.join(files)} mix {key} values: a series follows one run")
     return ds
 
 
