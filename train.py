@@ -108,7 +108,8 @@ def get_args_parser():
     run.add_argument("--overwrite", action="store_true", help="replace a run already in --run-dir")
     run.add_argument("--resume", default=None, help="checkpoint file (or run directory) to continue from")
     run.add_argument("--checkpoint-every", type=int, default=None,
-                     help="iterations between checkpoints (default: one epoch)")
+                     help="iterations between kept checkpoints step_N.pt (default: one epoch); last.pt "
+                          "is written at least every epoch")
     run.add_argument("--keep-checkpoints", type=int, default=3,
                      help="periodic checkpoints kept besides last.pt (0 = keep all)")
     run.add_argument("--log-every", type=int, default=50, help="iterations between progress-bar/log updates")
@@ -876,6 +877,8 @@ def run_training(args, ckpt, cfg, world, device):
                 write(sample)
             if step % ckpt_every == 0 or step == total:
                 checkpoint()
+            elif step % steps_per_epoch == 0:
+                checkpoint(periodic=False)  # last.pt at least every epoch, whatever --checkpoint-every
             if world.should_stop():
                 signum = stop.get("signal", signal.SIGTERM)  # a rank not (yet) signalled follows the others
                 path = checkpoint(periodic=False)

@@ -305,6 +305,24 @@ def test_epochs_set_the_schedule_checkpoints_and_epoch_column(tmp_path):
     assert (c["step"], c["epoch"]) == (8, 4)
 
 
+def test_last_checkpoint_is_written_every_epoch_when_kept_ones_are_rarer(tmp_path, monkeypatch):
+    """--checkpoint-every longer than an epoch (issue #14's 9370) spaces the kept step_N.pt files,
+    not last.pt: a hard kill loses at most an epoch. 2 iterations per epoch, kept ones every 4."""
+    data = make_fake_mnist(tmp_path / "data", n_train=44)
+    steps, save = [], train.save_checkpoint
+
+    def spy(t, run_dir, step, *rest):  # every write of last.pt goes through save_checkpoint
+        steps.append(step)
+        return save(t, run_dir, step, *rest)
+
+    monkeypatch.setattr(train, "save_checkpoint", spy)
+    run(["--data-root", data, "--run-dir", str(tmp_path / "r"), "--batch-size", "16", "--epochs", "5",
+         "--checkpoint-every", "4", "--keep-checkpoints", "0"])
+    assert steps == [2, 4, 6, 8, 10]  # last.pt at every epoch's end
+    assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == \
+        ["last.pt", "step_0000004.pt", "step_0000008.pt", "step_0000010.pt"]
+
+
 def test_checkpoint_refuses_non_finite_weights_and_keep_zero_keeps_all(tmp_path):
     t = make_trainer()
     ckdir = tmp_path / "checkpoints"
