@@ -14,6 +14,13 @@ With --flops it also counts the floating-point operations of an iteration (torch
 convolutions and matrix products, forward and backward), the rate they run at, and, for scale, the
 rate of one large fp32 matrix product on the same device and threads: how far the iteration is from
 what this machine's matrix units can do.
+
+Beside it/s it counts, over --count-iterations iterations, the aten operators an iteration
+dispatches (all, and those that are not views: on a GPU each non-view one is roughly a kernel
+launch) and its host syncs: the points where the host waits for the device's results on a GPU
+(values read on the host by .item()/.tolist()/bool(), copies to the CPU, tensors made from Python
+data, which become pageable host-to-device copies). The counts are the same on every device, so
+the CPU shows what a GPU iteration would launch and wait for.
 """
 import argparse
 import json
@@ -29,6 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import train  # noqa: E402
@@ -56,6 +64,8 @@ def get_args_parser():
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--flops", action=argparse.BooleanOptionalAction, default=False,
                    help="also count GFLOP per iteration and compare the achieved rate with a large matrix product's")
+    p.add_argument("--count-iterations", type=int, default=10,
+                   help="iterations over which dispatched operators and host syncs are counted (0: none)")
     p.add_argument("--json", default=None, help="write the results here as JSON")
     p.add_argument("--single", nargs=2, metavar=("DATASET", "IMPL"), help=argparse.SUPPRESS)
     return p
@@ -110,6 +120,83 @@ def count_flops(step, n):
     return counter.get_total_flops() / n
 
 
+# Operators whose output size depends on tensor values: on a GPU the host waits for the device
+# to learn it.
+DATA_DEPENDENT = {"aten.nonzero.default", "aten.masked_select.default", "aten.unique_dim.default",
+                  "aten._unique2.default", "aten.repeat_interleave.Tensor"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched inside it, views apart, and the host syncs (see the module
+    docstring). `host` holds tensors that live on the host on every device (Adam's step counts on
+    its foreach path): reading them costs no sync."""
+
+    def __init__(self, host=()):
+        super().__init__()
+        self.host = {id(x) for x in host}
+        self.ops, self.views, self.syncs = 0, 0, {}
+        self.in_tolist = False
+
+    def sync(self, what):
+        self.syncs[what] = self.syncs.get(what, 0) + 1
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops += 1
+        self.views += func.is_view
+        name = str(func)
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if self.in_tolist:
+            pass  # the copy a tolist() makes on a GPU: counted once, as the tolist()
+        elif name == "aten._local_scalar_dense.default" and id(first) not in self.host:
+            self.sync("item")
+        elif name == "aten.lift_fresh.default":
+            self.sync("tensor from Python data")
+        elif name in ("aten._to_copy.default", "aten.copy_.default") and first is not None:
+            dst = kwargs.get("device") if name == "aten._to_copy.default" else first.device
+            src = first.device if name == "aten._to_copy.default" else args[1].device
+            if src.type != "cpu" and dst is not None and torch.device(dst).type == "cpu":
+                self.sync("copy to host")
+        elif name in DATA_DEPENDENT or (name == "aten.index.Tensor"
+                                        and any(i is not None and i.dtype == torch.bool for i in args[1])):
+            self.sync("data-dependent size")
+        return func(*args, **kwargs)
+
+    def __enter__(self):
+        # A CPU tensor's tolist() dispatches nothing, so it is counted here.
+        self.tolist, counter = torch.Tensor.tolist, self
+
+        def tolist(x):
+            if id(x) not in counter.host:
+                counter.sync("tolist")
+            counter.in_tolist = True
+            try:
+                return counter.tolist(x)
+            finally:
+                counter.in_tolist = False
+
+        torch.Tensor.tolist = tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self.tolist
+        return super().__exit__(*exc)
+
+
+def optimizer_host_tensors(optimizers):
+    """The step counts Adam keeps on the host (its foreach path on every device)."""
+    return [s["step"] for opt in optimizers for s in opt.state.values()
+            if isinstance(s.get("step"), torch.Tensor) and s["step"].device.type == "cpu"]
+
+
+def count_ops(step, n, host=()):
+    """Per call of `step`, the mean over n calls: (dispatched operators, non-view ones, host syncs by kind)."""
+    with OpCounter(host) as c:
+        for _ in range(n):
+            step()
+    return c.ops / n, (c.ops - c.views) / n, {k: v / n for k, v in sorted(c.syncs.items())}
+
+
 def matmul_gflops(device, size=2048, reps=10):
     """GFLOP/s of a size x size fp32 matrix product: the scale against which the iteration's rate is read."""
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
@@ -134,9 +221,12 @@ def measure(name, impl, args):
     cfg = get_config(name)
     torch.manual_seed(0)
     t = train.Trainer(cfg, targs, data, device)
+    stepped = []
     if impl == "ours":
+        opts = [getattr(t, name) for name in t.OPTIMIZERS]
+
         def step():
-            train.train_iteration(t)
+            stepped.append(train.train_iteration(t)["disc_stepped"])
     else:
         nets = [ref.with_running_stat_norms(n) for n in t.nets()]
         adam = dict(lr=targs.lr, betas=(targs.beta1, targs.beta2))
@@ -157,6 +247,14 @@ def measure(name, impl, args):
            "threads": torch.get_num_threads(), "compile": args.compile, "amp": args.amp}
     if device.type == "cuda":
         out["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+    if args.count_iterations > 0:  # the states exist after the warm-up: their host step counts are known
+        del stepped[:]
+        ops, non_view, syncs = count_ops(step, args.count_iterations, optimizer_host_tensors(opts))
+        out.update(ops_per_it=round(ops, 1), non_view_ops_per_it=round(non_view, 1),
+                   syncs_per_it=round(sum(syncs.values()), 2), syncs_by_kind=syncs,
+                   count_iterations=args.count_iterations)
+        if stepped:
+            out["disc_steps_counted"] = sum(stepped)
     if args.flops:
         gflop = count_flops(step, 4) / 1e9
         out.update(gflop_per_it=round(gflop, 3), achieved_gflops=round(gflop * its, 1),
@@ -181,7 +279,8 @@ def run_single(name, impl, args):
     """One configuration measured in a fresh subprocess (so that peak memory is its own)."""
     cmd = [sys.executable, os.path.abspath(__file__), "--single", name, impl, "--device", args.device,
            "--batch-size", str(args.batch_size), "--warmup", str(args.warmup),
-           "--windows", str(args.windows), "--window-seconds", str(args.window_seconds)]
+           "--windows", str(args.windows), "--window-seconds", str(args.window_seconds),
+           "--count-iterations", str(args.count_iterations)]
     cmd += ["--flops"] if args.flops else []
     cmd += (["--data-root", args.data_root] if args.data_root else [])
     cmd += (["--compile"] if args.compile else []) + (["--amp"] if args.amp else [])
@@ -195,6 +294,9 @@ def summary_line(r):
     """One printed line of a result row."""
     line = (f"{r['dataset']:8s} {r['impl']:9s} {r['it_per_s']:7.2f} it/s  {r['images_per_s']:8.1f} img/s  "
             f"{r['epoch_minutes']:6.2f} min/epoch  peak RSS {r['peak_rss_mib']:.0f} MiB")
+    if "ops_per_it" in r:
+        line += (f"  {r['ops_per_it']:.0f} ops/it ({r['non_view_ops_per_it']:.0f} non-view), "
+                 f"{r['syncs_per_it']:g} syncs/it")
     if "peak_gpu_mib" in r:
         line += f"  GPU {r['peak_gpu_mib']:.0f} MiB"
     if "gflop_per_it" in r:

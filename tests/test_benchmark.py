@@ -106,3 +106,30 @@ def test_repeats_report_the_median_process(tmp_path, capsys):
     (r,) = json.loads(out.read_text())["results"]
     assert len(r["process_it_per_s"]) == 3 and r["it_per_s"] == sorted(r["process_it_per_s"])[1]
     assert "processes:" in capsys.readouterr().out
+
+
+def test_op_counter_counts_views_and_each_kind_of_host_sync():
+    """Each read of a device value on the host is one sync; reading a host-resident tensor is none."""
+    x, host = torch.arange(4.0), torch.ones(())
+    with bench.OpCounter(host=[host]) as c:
+        x.sum().item()                    # sum, _local_scalar_dense: 1 sync
+        bool(x[0] > 0)                    # select (a view), gt, _local_scalar_dense: 1 sync
+        x.tolist()                        # dispatches nothing on the CPU: 1 sync
+        torch.tensor([1.0, 2.0])          # lift_fresh: on a GPU a pageable host-to-device copy
+        x[x > 1]                          # gt, index with a boolean mask: its size needs the values
+        host.item()                       # Adam's host step count: no sync
+    assert c.syncs == {"item": 2, "tolist": 1, "tensor from Python data": 1, "data-dependent size": 1}
+    assert c.views >= 1 and c.ops - c.views >= 7
+    assert torch.Tensor.tolist is c.tolist  # put back on exit
+
+
+def test_benchmark_reports_ops_and_syncs_per_iteration():
+    """The default iteration: at most 1,100 dispatched operators (issue 29's goal) and one host read,
+    the metrics' tolist() whose accuracy the gate needs."""
+    args = bench.get_args_parser().parse_args(["--warmup", "1", "--windows", "1", "--window-seconds", "0.01",
+                                               "--batch-size", "8", "--device", "cpu", "--count-iterations", "2"])
+    r = bench.measure("mnist", "ours", args)
+    assert r["count_iterations"] == 2 and r["disc_steps_counted"] == 2  # the most work: D steps in both
+    assert r["ops_per_it"] > r["non_view_ops_per_it"] > 0
+    assert r["syncs_by_kind"] == {"tolist": 1.0} and r["syncs_per_it"] == 1
+    assert "ops/it" in bench.summary_line(r)
