@@ -154,16 +154,38 @@ class PairSampler:
         self.pos += batch_size
         return idx
 
-    def partners(self, idx):
-        """For each index, a uniformly drawn index of the same class (possibly itself)."""
+    def partners(self, idx, u=None):
+        """For each index, a uniformly drawn index of the same class (possibly itself); `u`: the
+        uniform draws to use, drawn here if not given."""
         c = self.labels[idx]
-        u = torch.rand(len(idx), generator=self.gen, device=self.device)
+        if u is None:
+            u = torch.rand(len(idx), generator=self.gen, device=self.device)
         off = torch.minimum((u * self.counts[c]).long(), self.counts[c] - 1)
         return self.order[self.starts[c] + off]
 
     def pairs(self, batch_size):
         a = self.anchors(batch_size)
         return a, self.partner[a] if self.frozen else self.partners(a)
+
+    def draw(self, kinds, batch_size):
+        """The batches of one iteration as one index tensor, for one gather: for each entry of `kinds`,
+        "anchors" (batch_size anchors) or "pairs" (batch_size anchors, then their partners), in order.
+        The generator is drawn in the order of the same anchors()/pairs() calls (an epoch's new
+        order between two pairs' partner draws stays there), so the batches are theirs."""
+        pieces, slots, u = [], [], []
+        for kind in kinds:
+            pieces.append(self.anchors(batch_size))
+            if kind == "pairs":
+                slots.append(len(pieces))
+                pieces.append(None)  # the partners, filled in below, all in one go
+                if not self.frozen:
+                    u.append(torch.rand(batch_size, generator=self.gen, device=self.device))
+        if slots:
+            a = torch.cat([pieces[i - 1] for i in slots])
+            partners = self.partner[a] if self.frozen else self.partners(a, torch.cat(u))
+            for k, i in enumerate(slots):
+                pieces[i] = partners[k * batch_size:(k + 1) * batch_size]
+        return torch.cat(pieces)
 
     def state_dict(self):
         state = {"gen": self.gen.get_state(), "perm": self.perm.cpu(), "pos": self.pos}

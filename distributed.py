@@ -98,9 +98,13 @@ class World:
         same everywhere."""
         if not self.distributed:
             return values.tolist()
-        flags = torch.tensor([1.0 if self._stop else 0.0, 1.0 if (self._failure or {}).get("error") else 0.0],
-                             device=values.device)
-        buf = torch.cat([values.float(), flags])
+        # The flags are set on the device (a fill takes its value as a kernel argument): a tensor
+        # made from Python data would reach a GPU by a pageable copy, which waits for the stream.
+        buf = torch.nn.functional.pad(values.float(), (0, 2))
+        if self._stop:
+            buf[-2].fill_(1.0)
+        if (self._failure or {}).get("error"):
+            buf[-1].fill_(1.0)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM)  # gloo has no AVG
         *mean, stop, failed = (buf / self.size).tolist()  # a flag's mean is > 0 iff some rank raised it
         self.stop_agreed, self.failure_agreed = stop > 0, failed > 0

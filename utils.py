@@ -3,6 +3,7 @@ checkpoint files (and the small pretrained files), image grids. It knows the net
 them from a checkpoint, and nothing of datasets or evaluation (data_loader.py, evaluation.py)."""
 import argparse
 import errno
+import functools
 import os
 import platform
 import random
@@ -291,11 +292,18 @@ def area_resize(x, size):
     n = x.shape[-1]
     if size > n:
         raise ValueError(f"area_resize only shrinks ({n} -> {size})")
+    w = area_weights(n, size, x.device, x.dtype)
+    return w @ x @ w.T
+
+
+@functools.lru_cache(maxsize=16)
+def area_weights(n, size, device, dtype):
+    """area_resize's (size, n) matrix, rows summing to 1; made once per shape and device (training
+    resizes every batch), so callers must not modify it."""
     edges = torch.arange(size + 1, dtype=torch.float64) * n / size
     j = torch.arange(n, dtype=torch.float64)
     cover = (torch.minimum(edges[1:, None], j + 1) - torch.maximum(edges[:-1, None], j)).clamp(min=0)
-    w = (cover / (edges[1:] - edges[:-1])[:, None]).to(x.device, x.dtype)  # (size, n), rows sum to 1
-    return w @ x @ w.T
+    return (cover / (edges[1:] - edges[:-1])[:, None]).to(device, dtype)
 
 
 def model_images(images_u8, cfg=None):

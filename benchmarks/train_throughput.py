@@ -19,7 +19,7 @@ Beside it/s it counts, over --count-iterations iterations, the aten operators an
 dispatches (all, and those that are not views: on a GPU each non-view one is roughly a kernel
 launch) and its host syncs: the points where the host waits for the device's results on a GPU
 (values read on the host by .item()/.tolist()/bool(), copies to the CPU, tensors made from Python
-data, which become pageable host-to-device copies). The counts are the same on every device, so
+data, which become pageable host-to-device copies, and operators whose output size depends on values). The counts are the same on every device, so
 the CPU shows what a GPU iteration would launch and wait for.
 """
 import argparse
@@ -150,7 +150,9 @@ class OpCounter(TorchDispatchMode):
             pass  # the copy a tolist() makes on a GPU: counted once, as the tolist()
         elif name == "aten._local_scalar_dense.default" and id(first) not in self.host:
             self.sync("item")
-        elif name == "aten.lift_fresh.default":
+        elif name == "aten.lift_fresh.default" and first.dim() > 0:
+            # On a GPU it reaches the device by a pageable copy, which waits for the stream. A 0-d
+            # one (Adam's step increment) stays on the host: kernels take it as an argument.
             self.sync("tensor from Python data")
         elif name in ("aten._to_copy.default", "aten.copy_.default") and first is not None:
             dst = kwargs.get("device") if name == "aten._to_copy.default" else first.device

@@ -229,6 +229,32 @@ def test_one_generator_and_one_discriminator_update_per_iteration():
     assert int(t.opt_gen.state[t.ae_params[0]]["step"]) == 3 and t.opt_gen.defaults["lr"] == 0.01
 
 
+def test_an_iteration_makes_no_tensor_from_python_data_and_freezes_the_discriminator(monkeypatch):
+    """After the first iteration, the decoder's row indices, the BCE targets and the resize weights are
+    reused: no tensor is made from Python data (on a GPU each is a pageable copy that waits for the
+    stream), one host read in all; the generator's pass through the discriminator computes no
+    gradient of its weights."""
+    from benchmarks import train_throughput as bench
+    t = make_trainer()
+    frozen_during, real_disc = [], t.disc_local
+    monkeypatch.setattr(t, "disc_local", lambda *a: frozen_during.append(
+        not any(p.requires_grad for p in t.discriminator.parameters())) or real_disc(*a))
+    train.authors_iteration(t)
+    host = bench.optimizer_host_tensors([t.opt_gen])
+    _, _, syncs = bench.count_ops(lambda: train.authors_iteration(t), 1, host)
+    assert syncs == {"tolist": 1.0} and frozen_during == [True, True]
+    x = torch.rand(2, 3, 60, 60)
+    utils.area_resize(x, 31)
+    w = utils.area_weights(60, 31, x.device, x.dtype)
+    resize, products = bench.OpCounter(), bench.OpCounter()
+    with resize:
+        out = utils.area_resize(x, 31)
+    with products:
+        w @ x @ w.T
+    assert resize.ops == products.ops  # the products alone: the weights are made once per shape and device
+    assert torch.equal(out, w @ x @ w.T)
+
+
 def run(argv):
     return train.main(train.get_args_parser().parse_args(argv + ["--no-progress"]))
 

@@ -116,6 +116,7 @@ def test_op_counter_counts_views_and_each_kind_of_host_sync():
         bool(x[0] > 0)                    # select (a view), gt, _local_scalar_dense: 1 sync
         x.tolist()                        # dispatches nothing on the CPU: 1 sync
         torch.tensor([1.0, 2.0])          # lift_fresh: on a GPU a pageable host-to-device copy
+        torch.tensor(1.0)                 # a 0-d one stays on the host (kernels take it as an argument)
         x[x > 1]                          # gt, index with a boolean mask: its size needs the values
         host.item()                       # Adam's host step count: no sync
     assert c.syncs == {"item": 2, "tolist": 1, "tensor from Python data": 1, "data-dependent size": 1}
@@ -130,6 +131,6 @@ def test_benchmark_reports_ops_and_syncs_per_iteration():
                                                "--batch-size", "8", "--device", "cpu", "--count-iterations", "2"])
     r = bench.measure("mnist", "ours", args)
     assert r["count_iterations"] == 2 and r["disc_steps_counted"] == 2  # the most work: D steps in both
-    assert r["ops_per_it"] > r["non_view_ops_per_it"] > 0
+    assert 1100 >= r["ops_per_it"] > r["non_view_ops_per_it"] > 0
     assert r["syncs_by_kind"] == {"tolist": 1.0} and r["syncs_per_it"] == 1
     assert "ops/it" in bench.summary_line(r)

@@ -82,6 +82,23 @@ def test_sampler_is_seeded_and_resumable():
         assert torch.equal(a, c) and torch.equal(b, d)
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_one_draw_gives_the_batches_of_successive_calls(frozen):
+    """draw() (one index tensor for all of an iteration's batches) returns what the anchors()/pairs()
+    calls in the same order return, and leaves the generator where they do: also when an epoch ends
+    between a pair's anchors and a later pair (50 images, batches of 8: a new order every 6 batches)."""
+    labels = torch.arange(50) % 3
+    kinds = ["pairs", "anchors", "anchors", "anchors", "anchors", "anchors", "pairs"]
+    one, calls = PairSampler(labels, 1, frozen=frozen), PairSampler(labels, 1, frozen=frozen)
+    for _ in range(5):  # 45 batches: seven epochs, ends at every place in the list
+        expected = []
+        for kind in kinds:
+            expected.extend(calls.pairs(8) if kind == "pairs" else [calls.anchors(8)])
+        assert torch.equal(one.draw(kinds, 8), torch.cat(expected))
+        assert torch.equal(one.gen.get_state(), calls.gen.get_state()) and one.pos == calls.pos
+        assert torch.equal(one.perm, calls.perm)
+
+
 def test_partner_offsets_stay_inside_their_class(monkeypatch):
     labels = torch.tensor([0] * 3 + [1] * 50000)
     sampler = PairSampler(labels, 0)

@@ -12,7 +12,7 @@ import torch
 import train
 from conftest import ROOT, make_fake_mnist
 from data_loader import ImageSet, PairSampler, load_dataset
-from distributed import rank_seed
+from distributed import World, rank_seed
 from networks import Encoder, InstanceNorm, get_config
 from utils import CheckpointError, build_models, load_checkpoint, seed_everything
 
@@ -92,6 +92,10 @@ class SideBySideSampler:
     def pairs(self, n):
         firsts, seconds = zip(*(s.pairs(n // len(self.samplers)) for s in self.samplers))
         return torch.cat(firsts), torch.cat(seconds)
+
+    def draw(self, kinds, n):
+        per_rank = [s.draw(kinds, n // len(self.samplers)).split(n // len(self.samplers)) for s in self.samplers]
+        return torch.cat([piece for batch in zip(*per_rank) for piece in batch])
 
 
 def test_two_ranks_of_batch_b_match_one_process_of_batch_2b(two_ranks):
@@ -196,6 +200,24 @@ def test_a_distributed_checkpoint_loads_for_evaluation_and_refuses_one_process_r
 # DDP averages gradients inside backward and allows each wrapped network one forward per backward.
 # The reference's several backward calls on one forward (retain_graph=True) would leave the ranks'
 # gradients different, silently; this pins the single-backward form in one process.
+
+def test_average_sets_its_flags_on_the_device_and_reads_once(monkeypatch):
+    """World.average under torchrun: the stop and write-failure flags ride in the all-reduced buffer,
+    set there by fills, not by a tensor made from Python data (on a GPU a pageable copy that waits
+    for the stream); the one host read is the result's tolist()."""
+    from benchmarks import train_throughput as bench
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda buf, op: buf.mul_(2))  # two ranks alike
+    world = World(rank=0, size=2)
+    world.share_stop({})
+    world.share_failure({})
+    values = torch.tensor([0.5, 2.0])
+    with bench.OpCounter() as c:
+        assert world.average(values) == [0.5, 2.0]
+    assert c.syncs == {"tolist": 1} and not world.stop_agreed and not world.failure_agreed
+    world.share_stop({"signal": 15})
+    world.share_failure({"error": "disk full"})
+    assert world.average(torch.tensor([0.5])) == [0.5] and world.stop_agreed and world.failure_agreed
+
 
 def test_each_update_is_one_backward_after_at_most_one_forward_per_network(monkeypatch):
     args = train.get_args_parser().parse_args(["--batch-size", "8", "--disc-gate", "1.0"])  # gate always open

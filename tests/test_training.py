@@ -1,5 +1,6 @@
 """The training iteration: the gate, the 2:1 schedule, equivalence with the reference's
 straightforward form, exact resume."""
+import copy
 import csv
 import json
 import os
@@ -130,6 +131,82 @@ def test_iteration_pairs_same_class_images(monkeypatch):
     for a, b in seen["rec"] + seen["disc"]:
         assert torch.equal(labels[a], labels[b])
         assert (a != b).any()  # a partner is another image of the class, not the anchor repeated
+
+
+# ---------------------------------------------------------------- fewer operators and host reads (issue 29)
+
+def test_an_iteration_gathers_its_images_once_and_reuses_its_loss_targets(monkeypatch):
+    """One gather for the 9 batches of a default iteration (7 of anchors, 2 of partners); the
+    cross-entropy targets are the tensors made at the first iteration, not new ones."""
+    t = make_trainer()
+    gathers, targets, real_batch, real_ce = [], [], t.batch, F.cross_entropy
+    monkeypatch.setattr(t, "batch", lambda idx: gathers.append(len(idx)) or real_batch(idx))
+    monkeypatch.setattr(F, "cross_entropy", lambda logits, target: targets.append(target) or real_ce(logits, target))
+    for _ in range(2):
+        train.train_iteration(t)
+    assert gathers == [9 * 8, 9 * 8]
+    ones, disc = t.constants[("ones", 8)], t.constants[("disc_target", 8, 1)]
+    assert torch.equal(ones, torch.ones(8, dtype=torch.long))
+    assert torch.equal(disc, torch.cat([torch.ones(8, dtype=torch.long), torch.zeros(8, dtype=torch.long)]))
+    assert len(targets) == 12  # per iteration: two generator updates of two terms, the discriminator's two
+    for it in (targets[:6], targets[6:]):
+        assert all(x is ones for x in it[:4]) and all(x._base is disc for x in it[4:])
+
+
+def test_optimisers_keep_the_fast_path_after_loading_a_state(monkeypatch):
+    """Adam runs foreach on the CPU (bit for bit the per-parameter default, in fewer operators), also
+    after loading a state saved with other flags (an older checkpoint: foreach None); a state saved by
+    fused Adam (on CUDA, its step counts on the device) loads onto the host's foreach path and back."""
+    t = make_trainer()
+    train.train_iteration(t)
+    opts = lambda tr: [getattr(tr, n) for n in tr.OPTIMIZERS]  # noqa: E731
+    assert all(g["foreach"] is True and not g["fused"] for o in opts(t) for g in o.param_groups)
+    old = copy.deepcopy(t.state_dict())  # a loaded state shares its tensors with the one it came from
+    for name in t.OPTIMIZERS:
+        for g in old[name]["param_groups"]:
+            g["foreach"] = None
+    u = make_trainer()
+    u.load_state_dict({**old, "path": "x"})
+    assert all(g["foreach"] is True and not g["fused"] for o in opts(u) for g in o.param_groups)
+    assert train.train_iteration(u) == train.train_iteration(t)
+    for a, b in zip(t.nets(), u.nets()):
+        assert same(snapshot(a), snapshot(b))
+
+    monkeypatch.setattr(train.Trainer, "adam_path", lambda self: {"fused": True})  # CUDA's path, on the CPU
+    u.keep_optimizer_paths()
+    assert all(g["fused"] is True and g["foreach"] is None for o in opts(u) for g in o.param_groups)
+    train.train_iteration(u)  # fused Adam takes the state as it is now
+    assert int(u.opt_gen.state[u.ae_params[0]]["step"]) == 6
+
+
+def count_syncs(t, n=1):
+    """Host syncs by kind per iteration, after a first one that makes the optimiser states."""
+    from benchmarks import train_throughput as bench
+    train.train_iteration(t)
+    host = bench.optimizer_host_tensors([getattr(t, name) for name in t.OPTIMIZERS])
+    return bench.count_ops(lambda: train.train_iteration(t), n, host)[2]
+
+
+def test_on_nan_skip_reads_each_loss_once():
+    """--on-nan skip reads the reconstruction's and each generator update's loss on the host before its
+    step; the discriminator's rides in the metrics' one read, which the gate needs anyway."""
+    assert count_syncs(make_trainer("--on-nan", "skip")) == {"item": 3, "tolist": 1}
+    assert count_syncs(make_trainer()) == {"tolist": 1}
+
+
+def test_on_nan_skip_skips_a_non_finite_discriminator_update(monkeypatch):
+    t = make_trainer("--on-nan", "skip")
+    real = train.discriminator_loss
+
+    def nan_loss(t_, *xs):
+        loss, _ = real(t_, *xs)
+        return loss * float("nan"), torch.tensor(0.0)  # an open gate: the update would step
+
+    monkeypatch.setattr(train, "discriminator_loss", nan_loss)
+    before = snapshot(t.discriminator)
+    m = train.train_iteration(t)
+    assert m["disc_stepped"] == 1 and t.skipped_updates == 1 and same(before, snapshot(t.discriminator))
+    assert len(t.opt_disc.state) == 0
 
 
 # ---------------------------------------------------------------- equivalence with the reference form
