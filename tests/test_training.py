@@ -562,18 +562,48 @@ def pre_flag_discriminator_loss(t, x1, x2, x3):
     return loss, (logits.argmax(1) == target).float().mean()
 
 
+def pre_issue29_train_iteration(t):
+    """train.train_iteration as it was before issue 29 (frozen copy): each batch drawn and gathered
+    on its own, the discriminator's targets made in each call (in pre_flag_discriminator_loss)."""
+    a, B = t.args, t.args.batch_size
+    i1, i2 = t.sampler.pairs(B)
+    rec, kl = train.reconstruction_step(t, t.batch(i1), t.batch(i2))
+    gen_losses = []
+    for _ in range(a.gen_steps):
+        x1 = t.batch(t.sampler.anchors(B))
+        x3 = t.batch(t.sampler.anchors(B))
+        gen_losses.append(train.generator_step(t, x1, x3))
+    gen = torch.stack(gen_losses).mean()
+    for _ in range(a.disc_steps):
+        x1 = t.batch(t.sampler.anchors(B))
+        i2, i3 = t.sampler.pairs(B)
+        d_loss, d_acc = train.discriminator_loss(t, x1, t.batch(i2), t.batch(i3))
+        logged = torch.stack([rec, kl, gen, d_loss.detach(), d_acc]).tolist()
+        stepped = logged[-1] < a.disc_gate
+        if stepped:
+            t.update(t.opt_disc, d_loss)
+    return {**dict(zip(train.METRICS, logged)), "disc_stepped": int(stepped)}
+
+
 def test_default_flags_train_bit_for_bit_as_before(monkeypatch):
+    """Against frozen copies of the code before the flags and before issue 29: the updates, the
+    iteration (4 iterations of 7 batches of 8 from 64 images: an epoch ends inside an iteration)
+    and Adam's per-parameter default path."""
     new = make_trainer()
-    m_new = [train.train_iteration(new) for _ in range(3)]
+    m_new = [train.train_iteration(new) for _ in range(4)]
     monkeypatch.setattr(train, "reconstruction_step", pre_flag_reconstruction_step)
     monkeypatch.setattr(train, "generator_step", pre_flag_generator_step)
     monkeypatch.setattr(train, "discriminator_loss", pre_flag_discriminator_loss)
+    monkeypatch.setattr(train, "train_iteration", pre_issue29_train_iteration)
+    monkeypatch.setattr(train.Trainer, "adam_path", lambda self: {})
     old = make_trainer()
-    m_old = [train.train_iteration(old) for _ in range(3)]
+    assert old.opt_gen.param_groups[0]["foreach"] is None and new.opt_gen.param_groups[0]["foreach"]
+    m_old = [train.train_iteration(old) for _ in range(4)]
     assert m_new == m_old and any(m["disc_stepped"] for m in m_new)
     for a, b in zip(new.nets(), old.nets()):
         assert same(snapshot(a), snapshot(b))
     assert torch.equal(new.noise.get_state(), old.noise.get_state())  # no extra noise drawn
+    assert torch.equal(new.sampler.gen.get_state(), old.sampler.gen.get_state()) and new.sampler.pos == old.sampler.pos
 
 
 def hand_kl(mu, logvar):
