@@ -7,7 +7,8 @@ Each rank saves OUT/rank{R}.pt with what it ended with, for the test to compare:
             states, and the metrics of every iteration (the gate decisions among them);
   "forced": a few iterations in which each rank's discriminator reports its own made-up
             accuracy, so that the ranks' own gate decisions differ and only the averaged
-            accuracy can make them agree.
+            accuracy can make them agree;
+  "syncs":  host syncs per iteration, by kind, over two more iterations (benchmarks/train_throughput.py).
 Both ranks also train OUT/b for STEPS // 2 iterations and resume it to STEPS, for the resume check.
 """
 import faulthandler
@@ -19,6 +20,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
+from benchmarks.train_throughput import count_ops, optimizer_host_tensors  # noqa: E402
 from distributed import setup_distributed  # noqa: E402
 from utils import seed_everything  # noqa: E402
 
@@ -83,6 +85,9 @@ def main(out, data):
                 device, world)
     forced = [real_iteration(t) for _ in FORCED_ACC[rank]]
     result["forced"] = {**trainer_state(t), "metrics": forced}
+    train.discriminator_loss = real_loss
+    host = optimizer_host_tensors([getattr(t, name) for name in t.OPTIMIZERS])
+    result["syncs"] = count_ops(lambda: real_iteration(t), 2, host)[2]  # host syncs per DDP iteration
 
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.barrier()  # no rank leaves while another still uses the group

@@ -201,6 +201,12 @@ def test_a_distributed_checkpoint_loads_for_evaluation_and_refuses_one_process_r
 # The reference's several backward calls on one forward (retain_graph=True) would leave the ranks'
 # gradients different, silently; this pins the single-backward form in one process.
 
+def test_one_host_sync_per_iteration_under_torchrun(two_ranks):
+    """Two gloo ranks under DDP: a default iteration reads the host once (the averaged metrics)."""
+    _, _, (r0, r1) = two_ranks
+    assert r0["syncs"] == r1["syncs"] == {"tolist": 1.0}
+
+
 def test_average_sets_its_flags_on_the_device_and_reads_once(monkeypatch):
     """World.average under torchrun: the stop and write-failure flags ride in the all-reduced buffer,
     set there by fills, not by a tensor made from Python data (on a GPU a pageable copy that waits
