@@ -5,10 +5,34 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["DISENTANGLE_NO_DOWNLOAD"] = "1"  # tests never download
+# Tests run on the CPU whatever the machine has, unless marked `gpu`: `--device auto` means the CPU in
+# this process, in module-scoped fixtures and in every script a test starts (utils.auto_device_name).
+# The `gpu` tests name their device explicitly.
+os.environ["DISENTANGLE_AUTO_DEVICE"] = "cpu"
+
+has_cuda = torch.cuda.is_available()  # read before any test patches it
+needs_cuda = pytest.mark.skipif(not has_cuda, reason="no CUDA device on this machine (a `gpu` test)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on a CUDA device; skipped, saying so, where there is none")
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_gpu(request, monkeypatch):
+    """A test without the `gpu` marker sees no CUDA device in this process either, so nothing it calls
+    (RNG states, device names, benchmarks' machine descriptions) touches a GPU the machine may have.
+    (MPS is left to $DISENTANGLE_AUTO_DEVICE: torch._dynamo, imported by the first test that needs it,
+    reads attributes of the real torch.backends.mps.is_available.)"""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    else:  # `auto` means the real device again
+        monkeypatch.delenv("DISENTANGLE_AUTO_DEVICE")
 
 SHARED_DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
 needs_mnist = pytest.mark.skipif(
