@@ -104,6 +104,16 @@ def test_two_deterministic_runs_give_equal_weights(data, tmp_path):
     assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
 
 
+def test_deterministic_resume_on_cuda_is_exact(data, tmp_path):
+    train(data, tmp_path / "a", "--device", "cuda", "--max-steps", "20", "--deterministic")
+    train(data, tmp_path / "b", "--device", "cuda", "--max-steps", "10", "--deterministic")
+    script("train.py", "--resume", str(tmp_path / "b" / "checkpoints" / "last.pt"), "--max-steps", "20", "--no-progress")
+    a, b = (load(tmp_path / name / "checkpoints" / "last.pt") for name in ("a", "b"))
+    assert b["step"] == 20 and b["args"]["deterministic"]  # kept from the checkpoint
+    wa, wb = weights(a), weights(b)
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
 @pytest.mark.skipif(not has_cuda or torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_two_rank_nccl_training(data, tmp_path):
     env = dict(os.environ, DISENTANGLE_NO_DOWNLOAD="1")

@@ -75,3 +75,12 @@ def test_benchmark_command_is_the_benchmarks_own_command_line(mode):
     args = bench.get_args_parser().parse_args(cmd[2:])
     assert args.device == "cuda" and args.datasets == ["mnist"] and args.json == "out.json"
     assert args.data_root == "DATA" and args.amp == (mode == "amp") and args.compile == (mode == "compile")
+
+
+def test_every_part_is_limited_by_what_is_left_of_the_budget(fake_gpu, monkeypatch):
+    clock, limits = iter([0.0, 0.0, 50.0, 90.0, 99.5]), []  # start, then before each part
+    monkeypatch.setattr(gpu_check.time, "perf_counter", lambda: next(clock, 100.0))
+    monkeypatch.setattr(gpu_check, "run_tests", lambda timeout: limits.append(timeout) or TESTS)
+    monkeypatch.setattr(gpu_check, "run_benchmark", lambda mode, d, r, timeout: limits.append(timeout) or ROW)
+    gpu_check.main(gpu_check.get_args_parser().parse_args(["--budget", "100", "--tests-timeout", "300"]))
+    assert limits == [100.0, 50.0, 10.0, 1.0]
