@@ -9,6 +9,7 @@ few collective operations train.py needs. A plain `python train.py` gets a World
 process whose operations do nothing, so the single-process code path is unchanged.
 """
 import datetime
+import gc
 import os
 
 import numpy as np
@@ -163,7 +164,11 @@ class World:
             dist.barrier()
 
     def close(self):
+        """Destroy the process group we made. Objects that hold it and are only kept by reference
+        cycles (a compiled DDP module, an exception's traceback) are freed first, while the group and
+        the interpreter are whole, rather than at interpreter exit."""
         if self.owns_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
             self.owns_group = False
 

@@ -936,6 +936,11 @@ def run_training(args, ckpt, cfg, world, device):
             pass
         raise
     finally:
+        # The trainer's DistributedDataParallel wrappers hold the process group: free them now, before
+        # main() destroys the group, also when the run ends with an error, whose traceback would keep
+        # this frame and the trainer alive until the interpreter exits, and freeing a gloo group there
+        # can abort the process ("terminate called without an active exception").
+        del t
         bar.close()
         for f in (metrics_log, log_file):
             try:

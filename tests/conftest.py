@@ -15,7 +15,8 @@ os.environ["DISENTANGLE_NO_DOWNLOAD"] = "1"  # tests never download
 # The `gpu` tests name their device explicitly.
 os.environ["DISENTANGLE_AUTO_DEVICE"] = "cpu"
 
-has_cuda = torch.cuda.is_available()  # read before any test patches it
+cuda_is_available = torch.cuda.is_available  # the real one, before the fixtures below hide CUDA
+has_cuda = cuda_is_available()
 needs_cuda = pytest.mark.skipif(not has_cuda, reason="no CUDA device on this machine (a `gpu` test)")
 
 
@@ -23,15 +24,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: runs on a CUDA device; skipped, saying so, where there is none")
 
 
-@pytest.fixture(autouse=True)
-def cpu_unless_gpu(request, monkeypatch):
-    """A test without the `gpu` marker sees no CUDA device in this process either, so nothing it calls
-    (RNG states, device names, benchmarks' machine descriptions) touches a GPU the machine may have.
+@pytest.fixture(scope="session", autouse=True)
+def no_cuda_in_process():
+    """Tests and fixtures see no CUDA device in this process either, so nothing they call (optimisers,
+    RNG states, device names) touches a GPU the machine may have; `gpu` tests get it back below.
     (MPS is left to $DISENTANGLE_AUTO_DEVICE: torch._dynamo, imported by the first test that needs it,
     reads attributes of the real torch.backends.mps.is_available.)"""
-    if request.node.get_closest_marker("gpu") is None:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    else:  # `auto` means the real device again
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def cuda_for_gpu_tests(request, monkeypatch):
+    if request.node.get_closest_marker("gpu") is not None:  # the real device, also for `auto`
+        monkeypatch.setattr(torch.cuda, "is_available", cuda_is_available)
         monkeypatch.delenv("DISENTANGLE_AUTO_DEVICE")
 
 SHARED_DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
