@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
@@ -752,6 +753,13 @@ def main(args):
     world, device = setup_distributed(args.device, args.dist_timeout)  # under torchrun: this rank's place and device
     try:
         return run_training(args, ckpt, cfg, world, device)
+    except BaseException as e:
+        # The trainer's DistributedDataParallel wrappers hold the process group. The error's traceback
+        # keeps the frames that hold the trainer alive until the interpreter exits, and a gloo group
+        # freed there can abort the process ("terminate called without an active exception"): clear
+        # their locals now, so that the trainer is freed before the group is destroyed.
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         world.close()
 
@@ -936,11 +944,6 @@ def run_training(args, ckpt, cfg, world, device):
             pass
         raise
     finally:
-        # The trainer's DistributedDataParallel wrappers hold the process group: free them now, before
-        # main() destroys the group, also when the run ends with an error, whose traceback would keep
-        # this frame and the trainer alive until the interpreter exits, and freeing a gloo group there
-        # can abort the process ("terminate called without an active exception").
-        del t
         bar.close()
         for f in (metrics_log, log_file):
             try:

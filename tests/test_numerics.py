@@ -119,3 +119,32 @@ def test_dist_timeout_reaches_init_process_group(monkeypatch, tmp_path):
         assert seen[-1] == ("gloo", datetime.timedelta(minutes=minutes))
     with pytest.raises(train.UserError, match="--dist-timeout must be positive"):
         run(common(data, tmp_path / "r") + ["--dist-timeout", "0"])
+
+
+@pytest.mark.parametrize("ending", ["done", "error"])
+def test_the_trainer_is_freed_before_the_process_group_is_destroyed(monkeypatch, tmp_path, ending):
+    """Its DDP wrappers hold the group; one left to interpreter exit (an error's traceback keeps it)
+    can abort a gloo rank there ("terminate called without an active exception")."""
+    import weakref
+    made, alive_at_close = [], []
+    real_make, real_iteration = train.make_trainer, train.train_iteration
+
+    def make_trainer(*a, **kw):
+        t = real_make(*a, **kw)
+        made.append(weakref.ref(t))
+        return t
+
+    def iteration(t):
+        if ending == "error":
+            raise train.DivergenceError("made up")
+        return real_iteration(t)
+
+    monkeypatch.setattr(train, "make_trainer", make_trainer)
+    monkeypatch.setattr(train, "train_iteration", iteration)
+    monkeypatch.setattr(distributed.World, "close", lambda self: alive_at_close.append(made[0]() is not None))
+    data = make_fake_mnist(tmp_path / "data")
+    try:
+        run(common(data, tmp_path / "r") + ["--max-steps", "1"])
+    except train.DivergenceError as e:
+        assert ending == "error" and "made up" in str(e)
+    assert alive_at_close == [False]
