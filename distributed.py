@@ -8,6 +8,8 @@ reads it and returns a `World`: this process's rank, the number of processes, an
 few collective operations train.py needs. A plain `python train.py` gets a World of one
 process whose operations do nothing, so the single-process code path is unchanged.
 """
+import datetime
+import gc
 import os
 
 import numpy as np
@@ -15,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from utils import UserError, WriteError, pick_device
+from utils import UserError, WriteError, auto_device_name, pick_device
 
 
 def launched_by_torchrun():
@@ -166,21 +168,27 @@ class World:
             dist.barrier()
 
     def close(self):
+        """Destroy the process group we made. Objects that hold it and are only kept by reference
+        cycles (a compiled DDP module, an exception's traceback) are freed first, while the group and
+        the interpreter are whole, rather than at interpreter exit."""
         if self.owns_group and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
             self.owns_group = False
 
 
-def setup_distributed(device_name="auto"):
+def setup_distributed(device_name="auto", timeout_minutes=60):
     """(World, device) of this process. Under torchrun (WORLD_SIZE > 1): join the process group,
     on cuda:LOCAL_RANK with NCCL when CUDA is there (or asked for), else on the CPU with gloo.
+    A collective fails after `timeout_minutes` of waiting: the others wait for rank 0 to prepare
+    the data, which can take longer than torch's default (10 minutes with NCCL).
     A process group the caller already made (tests) is joined as it is."""
     if not dist.is_initialized() and (not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1):
         return World(), pick_device(device_name)
     if device_name == "mps":
         raise UserError("torchrun training runs on CUDA (NCCL) or on the CPU (gloo), not on MPS")
-    if device_name == "auto":
-        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    if device_name == "auto":  # CUDA where there is one (or $DISENTANGLE_AUTO_DEVICE says so), else the CPU
+        device_name = "cuda" if auto_device_name() == "cuda" else "cpu"
     device = pick_device(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if device.type == "cuda":
@@ -191,7 +199,8 @@ def setup_distributed(device_name="auto"):
         torch.cuda.set_device(device)
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     world = World(dist.get_rank(), dist.get_world_size(), local_rank, device, owns_group=owns)
     if not world.distributed:  # a group of one (torchrun --nproc_per_node=1): plain training
         world.close()

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 
@@ -36,7 +37,7 @@ from distributed import World, rank_seed, setup_distributed
 from networks import (AUTHORS_CONFIGS, CONFIGS, authors_kl, config_from_dict, get_config, kl_divergence,
                       network_classes, reparameterize)
 from utils import (CHECKPOINT_FORMAT, CheckpointError, HelpFormatter, UserError, WriteError, atomic_save,
-                   atomic_write, display_images, library_versions, load_checkpoint, load_state, model_images,
+                   atomic_write, device_info, display_images, library_versions, load_checkpoint, load_state, model_images,
                    rng_state, run_cli, save_grid_png, seed_everything, set_rng_state, swap_grid, to_float, writing)
 
 METRICS = ["recon_loss", "kl", "gen_loss", "disc_loss", "disc_acc"]
@@ -53,7 +54,7 @@ AUTHORS_ONLY = ("lr_gen", "lr_disc", "nf", "rec_weight", "swap_weight", "adv_wei
 # Arguments a resumed run may change; all others are taken from the checkpoint.
 RESUMABLE = {"resume", "run_dir", "data_root", "epochs", "max_steps", "device", "checkpoint_every",
              "keep_checkpoints", "log_every", "sample_every", "progress", "overwrite", "compile", "amp",
-             "channels_last", "on_nan"}
+             "channels_last", "on_nan", "tf32", "deterministic", "dist_timeout"}
 
 
 class DivergenceError(UserError):
@@ -127,6 +128,19 @@ def get_args_parser():
                        help="bf16 autocast for the forward passes")
     speed.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                        help="channels-last memory format (opt-in: no GPU measurement has shown a gain yet)")
+    speed.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=False,
+                       help="TF32 matrix products and convolutions on CUDA GPUs from Ampere on (a 10-bit "
+                            "mantissa: faster, less exact); off: full fp32, as PyTorch 0.4, the reference's, "
+                            "computed. The CPU is not affected")
+    speed.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                       help="deterministic CUDA kernels (cuDNN, cuBLAS with CUBLAS_WORKSPACE_CONFIG=:4096:8, "
+                            "torch.use_deterministic_algorithms), so that two runs on one GPU, or a run and its "
+                            "resume, give the same weights bit for bit; costs speed (no cuDNN autotuning, slower "
+                            "deterministic kernels) and newly allocated memory is filled. The CPU is "
+                            "deterministic without it")
+    speed.add_argument("--dist-timeout", type=float, default=60,
+                       help="torchrun: minutes a rank waits in a collective before the run fails; long enough "
+                            "for rank 0 alone to download, render or crop the data while the others wait")
     au = p.add_argument_group("the authors' recipe (--recipe authors): one generator and one discriminator "
                               "update per iteration; defaults are their train.lua's")
     au.add_argument("--lr-gen", type=float, default=0.01, help="Adam learning rate of encoder and decoder")
@@ -157,7 +171,7 @@ def check_args(args):
     for name in ("gen_steps", "disc_steps"):  # 0 turns the update off (the no-adversary ablation: both 0)
         if getattr(args, name) < 0:
             raise UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("max_steps", "batch_size", "style_dim", "class_dim", "checkpoint_every", "nf"):
+    for name in ("max_steps", "batch_size", "style_dim", "class_dim", "checkpoint_every", "nf", "dist_timeout"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.keep_checkpoints < 0:
@@ -696,6 +710,25 @@ def check_weights_finite(t, step):
     raise DivergenceError(f"parameters became NaN/inf by step {step} ({first}); the last good checkpoint is kept")
 
 
+def set_numerics(args):
+    """The precision and determinism switches of this run, set explicitly either way, before CUDA
+    initialises (cuBLAS reads CUBLAS_WORKSPACE_CONFIG when it makes its first handle)."""
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's deterministic workspace
+    torch.backends.cudnn.deterministic = bool(args.deterministic)
+    torch.backends.cudnn.benchmark = False  # autotuning may pick another algorithm in each run
+    torch.use_deterministic_algorithms(bool(args.deterministic))
+    # torch's own defaults differ: TF32 off for matrix products, on for cuDNN convolutions
+    torch.backends.cuda.matmul.allow_tf32 = bool(args.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+
+
+def numerics_record(args, device):
+    """What config.json and the log say of the device and the arithmetic a run used."""
+    return {"device": device_info(device), "precision": {"amp": bool(args.amp), "tf32": bool(args.tf32)},
+            "deterministic": bool(args.deterministic)}
+
+
 def amp_warning(args, device):
     """A warning line when --amp is slow: bf16 on a CUDA GPU without native bf16 (compute capability
     below 8.0, before Ampere) is emulated, so autocast costs time instead of saving it."""
@@ -752,9 +785,17 @@ def main(args):
     args.style_dim, args.class_dim = cfg.style_dim, cfg.class_dim
     args.data_root = args.data_root or default_data_root()
     args.run_dir = args.run_dir or default_run_dir(args)
-    world, device = setup_distributed(args.device)  # under torchrun: this rank's place and device
+    set_numerics(args)
+    world, device = setup_distributed(args.device, args.dist_timeout)  # under torchrun: this rank's place and device
     try:
         return run_training(args, ckpt, cfg, world, device)
+    except BaseException as e:
+        # The trainer's DistributedDataParallel wrappers hold the process group. The error's traceback
+        # keeps the frames that hold the trainer alive until the interpreter exits, and a gloo group
+        # freed there can abort the process ("terminate called without an active exception"): clear
+        # their locals now, so that the trainer is freed before the group is destroyed.
+        traceback.clear_frames(e.__traceback__)
+        raise
     finally:
         world.close()
 
@@ -829,7 +870,7 @@ def run_training(args, ckpt, cfg, world, device):
         with atomic_write(os.path.join(run_dir, "config.json"), "the config", "w") as f:
             json.dump({"args": vars(args), "model_config": cfg.to_dict(), "dataset_size": n_train,
                        "steps_per_epoch": steps_per_epoch, "world_size": world.size,
-                       "versions": library_versions()}, f, indent=2)
+                       **numerics_record(args, device), "versions": library_versions()}, f, indent=2)
 
     def open_log():
         with writing("the log", log_path):
@@ -858,6 +899,9 @@ def run_training(args, ckpt, cfg, world, device):
     if t.reseeded_from:
         log(f"the checkpoint's pair and noise streams were drawn on {t.reseeded_from}, whose generator states "
             f"cannot load on {device.type}: both continue re-seeded from (seed, rank, step {step})")
+    dev = device_info(device)
+    log(f"device {dev['name']}, compute capability {dev['compute_capability']}; amp {bool(args.amp)}, "
+        f"tf32 {bool(args.tf32)}, deterministic {bool(args.deterministic)}", console=False)
     warning = amp_warning(args, device)
     if warning:
         log(warning)

@@ -64,18 +64,40 @@ def run_cli(main, parser):
 
 # ----------------------------------------------------------------------------- devices, seeds
 
+AUTO_DEVICE_ENV = "DISENTANGLE_AUTO_DEVICE"  # e.g. cpu: what --device auto means (the tests set cpu)
+
+
+def auto_device_name():
+    """What --device auto resolves to: $DISENTANGLE_AUTO_DEVICE where set, else cuda, then mps, then cpu."""
+    forced = os.environ.get(AUTO_DEVICE_ENV)
+    if forced:
+        if forced not in ("cpu", "cuda", "mps"):
+            raise UserError(f"${AUTO_DEVICE_ENV} must be cpu, cuda or mps, got '{forced}'")
+        return forced
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
 def pick_device(name="auto"):
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        name = auto_device_name()
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda asked for, but no CUDA device is available")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise UserError("--device mps asked for, but MPS is not available")
     return torch.device(name)
+
+
+def device_info(device):
+    """The name of `device` and its CUDA compute capability ("9.0"; None off CUDA), for config.json."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}"}
+    name = "Apple GPU (MPS)" if device.type == "mps" else (platform.processor() or platform.machine())
+    return {"type": device.type, "name": name, "compute_capability": None}
 
 
 def seed_everything(seed):
@@ -91,7 +113,7 @@ def rng_state():
              "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)},
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # a process that never used CUDA has no CUDA draws to continue
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 

@@ -5,10 +5,41 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ["DISENTANGLE_NO_DOWNLOAD"] = "1"  # tests never download
+# Tests run on the CPU whatever the machine has, unless marked `gpu`: `--device auto` means the CPU in
+# this process, in module-scoped fixtures and in every script a test starts (utils.auto_device_name).
+# The `gpu` tests name their device explicitly.
+os.environ["DISENTANGLE_AUTO_DEVICE"] = "cpu"
+
+cuda_is_available = torch.cuda.is_available  # the real one, before the fixtures below hide CUDA
+has_cuda = cuda_is_available()
+needs_cuda = pytest.mark.skipif(not has_cuda, reason="no CUDA device on this machine (a `gpu` test)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: runs on a CUDA device; skipped, saying so, where there is none")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_cuda_in_process():
+    """Tests and fixtures see no CUDA device in this process either, so nothing they call (optimisers,
+    RNG states, device names) touches a GPU the machine may have; `gpu` tests get it back below.
+    (MPS is left to $DISENTANGLE_AUTO_DEVICE: torch._dynamo, imported by the first test that needs it,
+    reads attributes of the real torch.backends.mps.is_available.)"""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "is_available", lambda: False)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def cuda_for_gpu_tests(request, monkeypatch):
+    if request.node.get_closest_marker("gpu") is not None:  # the real device, also for `auto`
+        monkeypatch.setattr(torch.cuda, "is_available", cuda_is_available)
+        monkeypatch.delenv("DISENTANGLE_AUTO_DEVICE")
 
 SHARED_DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
 needs_mnist = pytest.mark.skipif(

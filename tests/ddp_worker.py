@@ -12,6 +12,7 @@ Each rank saves OUT/rank{R}.pt with what it ended with, for the test to compare:
 Both ranks also train OUT/b for STEPS // 2 iterations and resume it to STEPS, for the resume check.
 """
 import faulthandler
+import gc
 import os
 import sys
 
@@ -90,7 +91,13 @@ def main(out, data):
     result["syncs"] = count_ops(lambda: real_iteration(t), 2, host)[2]  # host syncs per DDP iteration
 
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
-    dist.barrier()  # no rank leaves while another still uses the group
+    # Free every DistributedDataParallel wrapper while the group exists (train.Trainer, patched above,
+    # would keep main()'s trainers alive until the interpreter exits: see World.close), and let no rank
+    # leave while another still uses the group.
+    train.Trainer, train.train_iteration, train.discriminator_loss = Trainer, real_iteration, real_loss
+    del made[:], t, world
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -284,3 +284,32 @@ def test_generator_update_computes_no_discriminator_weight_gradients_when_compil
     assert all(p.grad is None for p in t.discriminator.parameters())
     assert all(p.requires_grad for p in t.discriminator.parameters())  # unfrozen again for its own update
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- 10. tests run on the CPU unless marked gpu
+
+def test_tests_resolve_auto_to_the_cpu_where_cuda_is_reported(monkeypatch):
+    """conftest.py: with CUDA (and MPS) reported available, `--device auto` still means the CPU here,
+    under torchrun's device choice too, and in a script a test starts."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert utils.pick_device("auto") == torch.device("cpu")
+    assert distributed.setup_distributed("auto")[1] == torch.device("cpu")
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); torch.cuda.is_available = lambda: True; "
+            "import utils; print(utils.pick_device('auto'))")
+    p = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120)
+    assert p.stdout.strip() == "cpu", p.stderr
+    # Outside the tests (the variable unset) `auto` takes the GPU.
+    monkeypatch.delenv("DISENTANGLE_AUTO_DEVICE")
+    assert utils.pick_device("auto") == torch.device("cuda")
+
+
+def test_a_test_without_the_gpu_marker_sees_no_cuda():
+    assert not torch.cuda.is_available()
+    assert utils.rng_state().keys() == {"python", "numpy", "torch"}  # no CUDA state touched
+
+
+def test_the_auto_device_variable_refuses_a_device_it_does_not_know(monkeypatch):
+    monkeypatch.setenv("DISENTANGLE_AUTO_DEVICE", "gpu")
+    with pytest.raises(utils.UserError, match="must be cpu, cuda or mps, got 'gpu'"):
+        utils.pick_device("auto")
