@@ -1,5 +1,8 @@
-"""The model API (utils.load_model: encode, decode, swap, sample) on tiny checkpoints of both recipes."""
+"""The model API (utils.load_model: encode, decode, swap, sample) on tiny checkpoints of both recipes,
+and the torch.hub entry points of hubconf.py."""
 import ast
+import glob
+import json
 import os
 import re
 
@@ -9,7 +12,7 @@ import torch
 import data_loader
 import train
 import utils
-from conftest import make_fake_mnist
+from conftest import ROOT, make_fake_mnist
 from networks import AuthorsDecoder, AuthorsEncoder, get_config
 from test_repository import python_files
 
@@ -18,6 +21,7 @@ from test_repository import python_files
 RECIPES = {"reference": ["--batch-size", "16", "--max-steps", "2"],
            "authors": ["--recipe", "authors", "--batch-size", "4", "--nf", "4", "--style-dim", "6", "--class-dim", "5",
                        "--max-steps", "30"]}
+PRETRAINED = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(ROOT, "pretrained", "*.pt")))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -141,6 +145,53 @@ def test_the_authors_sprites_networks_take_sprites_images_at_60_or_32():
     assert m.swap(x, x).shape == (2, 3, 32, 32) and in_unit_range(m.sample(x))
     with pytest.raises(ValueError, match=re.escape("(N, 3, 32, 32) or (N, 3, 60, 60), got (2, 60, 60)")):
         m.encode(x[:, 0])
+
+
+# ----------------------------------------------------------------------------- torch.hub
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """torch.hub with its cache in tmp_path, any download an error, and this checkout in the cache as
+    if downloaded from GitHub as OWNER/REPO:main (how torch.hub.list reads a published repository)."""
+    def no_network(*a, **k):
+        raise AssertionError("torch.hub tried to reach the network")
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    os.makedirs(tmp_path / "hub")
+    os.symlink(ROOT, tmp_path / "hub" / "OWNER_REPO_main")
+    return "OWNER/REPO:main"
+
+
+def test_hub_lists_and_loads_every_pretrained_file_offline(offline_hub, runs):
+    assert PRETRAINED and torch.hub.list(offline_hub, trust_repo=True, verbose=False) == PRETRAINED
+    x = runs["images"]
+    for name in PRETRAINED:
+        path = os.path.join(ROOT, "pretrained", f"{name}.pt")
+        m = torch.hub.load(ROOT, name, source="local")
+        assert isinstance(m, utils.TrainedModel) and not m.training and m.checkpoint["path"] == path
+        assert m.cfg.to_dict() == torch.load(path, weights_only=True)["model_config"]
+        assert m.swap(x, x).shape == x.shape and in_unit_range(m.sample(x))
+    m = torch.hub.load(offline_hub, PRETRAINED[0], trust_repo=True, verbose=False, device="cpu")
+    assert isinstance(m, utils.TrainedModel) and m.device == torch.device("cpu")
+
+
+def test_hub_docs_quote_the_results_of_each_pretrained_file(offline_hub):
+    """Each entry point's help names results files of its weights, and their numbers."""
+    for name in PRETRAINED:
+        doc = torch.hub.help(offline_hub, name, trust_repo=True)
+        files = re.findall(r"results/\S+?\.json", doc)
+        assert len(files) == 2, name
+        res = {json.load(open(os.path.join(ROOT, f)))["z_source"]: json.load(open(os.path.join(ROOT, f))) for f in files}
+        small = torch.load(os.path.join(ROOT, "pretrained", f"{name}.pt"), weights_only=True)
+        for r in res.values():
+            assert (r["step"], r["style_dim"], r["class_dim"]) == (small["step"], small["model_config"]["style_dim"],
+                                                                   small["model_config"]["class_dim"]), name
+        mlp = {k: r["targets"]["class"]["mlp"] for k, r in res.items()}
+        for quoted in (f"s {mlp['sample']['s_test']:.2f}", f"z sampled {mlp['sample']['z_test']:.2f}",
+                       f"mean of q(z|x) {mlp['mean']['z_test']:.2f}", f"swap {res['sample']['swap']['swap']:.2f}",
+                       f"prior {res['sample']['swap']['prior']:.2f}"):
+            assert quoted in doc, (name, quoted)
 
 
 def test_every_script_loads_networks_through_load_model():
