@@ -1,13 +1,16 @@
 """The model API (utils.load_model: encode, decode, swap, sample) on tiny checkpoints of both recipes,
-and the torch.hub entry points of hubconf.py."""
+the torch.hub entry points of hubconf.py, and the README's example."""
 import ast
 import glob
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import data_loader
 import train
@@ -206,3 +209,26 @@ def test_every_script_loads_networks_through_load_model():
                 name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
                 found += [f"{path}:{node.lineno} calls {name}"] if name in ("load_checkpoint", "build_models") else []
     assert not found, "call utils.load_model instead: " + ", ".join(found)
+
+
+# ----------------------------------------------------------------------------- the README
+
+def readme_example():
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("## Use a trained model in Python\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "the section holds one Python example"
+    return blocks[0]
+
+
+def test_readme_example_runs(tmp_path):
+    """The example as written, on fake MNIST under $DISENTANGLE_DATA_ROOT, from the repository's root;
+    only the grid it saves goes to tmp_path instead."""
+    code = readme_example()
+    out = tmp_path / "swap.png"
+    assert code.count('"swap.png"') == 1
+    env = dict(os.environ, DISENTANGLE_DATA_ROOT=make_fake_mnist(tmp_path / "data"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code.replace('"swap.png"', repr(str(out)))], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert Image.open(out).size == (8 * 30 + 2, 9 * 30 + 2)  # 9 x 8 cells of 28 pixels, padding 2
