@@ -19,8 +19,7 @@ from evaluation import (Z_SOURCES, accuracy, chance_level, classifier_sets, dens
                         encode_dataset, integer_factors, linear_probe, load_eval_data,
                         posterior_codes, posterior_stats, swap_accuracy, swap_errors,
                         train_classifier, train_image_classifier)
-from utils import (HelpFormatter, UserError, atomic_write, build_models, checkpoint_dataset,
-                   load_checkpoint, pick_device, run_cli)
+from utils import HelpFormatter, UserError, atomic_write, checkpoint_dataset, load_model, pick_device, run_cli
 
 
 def get_args_parser():
@@ -138,9 +137,9 @@ def main(args):
     check_args(args)
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
+    model = load_model(args.checkpoint, device)
+    ckpt, cfg, encoder, decoder = model.checkpoint, model.cfg, model.encoder, model.decoder
     checkpoint_dataset(ckpt)
-    cfg, encoder, decoder = build_models(ckpt, device)
     fit_set, test_set, rule = classifier_sets(load_eval_data(ckpt, args.data_root, "train"),
                                               load_eval_data(ckpt, args.data_root, "test"),
                                               args.seed, args.test_fraction)

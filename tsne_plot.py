@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from evaluation import Z_SOURCES, encode_dataset, integer_factors, load_eval_data
-from utils import HelpFormatter, UserError, atomic_write, build_models, load_checkpoint, pick_device, run_cli
+from utils import HelpFormatter, UserError, atomic_write, load_model, pick_device, run_cli
 
 LEGEND_MAX = 20  # more classes than this get a colour bar instead of a legend
 
@@ -79,8 +79,8 @@ def main(args):
         raise UserError("--threads and --perplexity must be positive")
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg, encoder, _ = build_models(ckpt, device)
+    model = load_model(args.checkpoint, device)
+    ckpt, cfg, encoder = model.checkpoint, model.cfg, model.encoder
     data = load_eval_data(ckpt, args.data_root, args.split)
     if args.color_by == "class":
         labels = data.labels

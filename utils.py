@@ -1,6 +1,7 @@
 """Infrastructure every script shares: errors and the command line, devices and seeding, versions,
-checkpoint files (and the small pretrained files), image grids. It knows the networks, to rebuild
-them from a checkpoint, and nothing of datasets or evaluation (data_loader.py, evaluation.py)."""
+checkpoint files (and the small pretrained files), image grids, and the model API (load_model: a
+trained model with encode, decode, swap and sample). It knows the networks, to rebuild them from a
+checkpoint, and nothing of datasets or evaluation (data_loader.py, evaluation.py)."""
 import argparse
 import errno
 import functools
@@ -13,8 +14,9 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+import torch.nn as nn
 
-from networks import config_from_dict, network_classes
+from networks import CONFIGS, config_from_dict, network_classes, reparameterize
 
 CHECKPOINT_FORMAT = "disentangle-checkpoint-v1"
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -328,12 +330,14 @@ def area_weights(n, size, device, dtype):
     return (cover / (edges[1:] - edges[:-1])[:, None]).to(device, dtype)
 
 
-def model_images(images_u8, cfg=None):
-    """uint8 images -> the float images the networks of `cfg` take: [0, 1] for the reference
-    recipe; for the authors' recipe [-1, 1] (their scaling) at cfg.image_size (Sprites: 60 -> 32)."""
+def model_images(images, cfg=None):
+    """uint8 images (or float ones in [0, 1]) -> the float images the networks of `cfg` take: [0, 1]
+    for the reference recipe; for the authors' recipe [-1, 1] (their scaling) at cfg.image_size
+    (Sprites: 60 -> 32)."""
+    u8 = images.dtype == torch.uint8
     if getattr(cfg, "recipe", "reference") != "authors":
-        return to_float(images_u8)
-    x = images_u8.float().mul_(2 / 255).sub_(1)
+        return to_float(images) if u8 else images
+    x = images.float().mul_(2 / 255).sub_(1) if u8 else images * 2 - 1
     return x if x.shape[-1] == cfg.image_size else area_resize(x, cfg.image_size)
 
 
@@ -405,3 +409,114 @@ def checkpoint_dataset(ckpt):
         raise CheckpointError(f"checkpoint '{ckpt.get('path')}' does not say which dataset it was trained on "
                               f"(no args.dataset)")
     return name
+
+
+# ----------------------------------------------------------------------------- the model API
+
+class ModelInputError(UserError, ValueError):
+    """Images or codes the model cannot take (other shape, channels, dtype or range): a ValueError for
+    Python callers, one line for the command line."""
+
+
+class TrainedModel(nn.Module):
+    """A trained encoder and decoder with the verbs of the paper's figures (load_model makes one).
+
+    Images in and out are float tensors in [0, 1] of shape (N, C, H, W); uint8 ones in [0, 255],
+    and (N, H, W) for one-channel data, are accepted too. The range the recipe's networks work in
+    ([-1, 1] for the authors' recipe) stays inside. The verbs run without gradients, on the model's
+    device (inputs are moved there); `encoder`, `decoder` and `cfg` are the networks and their config.
+    """
+
+    def __init__(self, cfg, encoder, decoder, checkpoint=None):
+        super().__init__()
+        self.cfg, self.encoder, self.decoder = cfg, encoder, decoder
+        self.checkpoint = checkpoint or {}  # path, step, args, versions: no weights
+        # The authors' networks also take the dataset's own size (Sprites 60), resized as in training.
+        dataset = (self.checkpoint.get("args") or {}).get("dataset")
+        native = CONFIGS[dataset].image_size if cfg.recipe == "authors" and dataset in CONFIGS else cfg.image_size
+        self.input_sizes = sorted({cfg.image_size, native})
+        self.eval()
+
+    @property
+    def device(self):
+        return next(self.decoder.parameters()).device
+
+    def expected_shape(self):
+        c = self.cfg.channels
+        shapes = [f"(N, {c}, {n}, {n})" for n in self.input_sizes]
+        shapes += [f"(N, {n}, {n})" for n in self.input_sizes] if c == 1 else []
+        return " or ".join(shapes)
+
+    def network_images(self, images, what="images"):
+        """Images in [0, 1] (or uint8) -> the networks' input on the model's device."""
+        if not torch.is_tensor(images):
+            raise ModelInputError(f"{what}: expected a tensor of shape {self.expected_shape()}, "
+                                  f"got {type(images).__name__}")
+        x = images.unsqueeze(1) if images.dim() == 3 and self.cfg.channels == 1 else images
+        if x.dim() != 4 or x.shape[1] != self.cfg.channels or x.shape[2] != x.shape[3] \
+                or x.shape[3] not in self.input_sizes:
+            raise ModelInputError(f"{what}: expected images of shape {self.expected_shape()}, got {tuple(images.shape)}")
+        if x.is_floating_point():
+            x = x.float()
+            if x.numel() and (x.min() < 0 or x.max() > 1):
+                raise ModelInputError(f"{what}: float images must lie in [0, 1] (uint8 ones in [0, 255]), "
+                                      f"got values in [{x.min().item():.3g}, {x.max().item():.3g}]")
+        elif x.dtype != torch.uint8:
+            raise ModelInputError(f"{what}: expected float images in [0, 1] or uint8 ones, got {x.dtype}")
+        return model_images(x.to(self.device), self.cfg)
+
+    def randn(self, shape, generator):
+        """N(0, I) draws from `generator` (on its own device, so a CPU generator gives the same
+        numbers whatever the model's device), or from the global RNG."""
+        device = generator.device if generator is not None else self.device
+        return torch.randn(shape, generator=generator, device=device).to(self.device)
+
+    @torch.no_grad()
+    def encode(self, images, sample=False, generator=None):
+        """images -> (z (N, style_dim), s (N, class_dim)): z the mean of q(z|x), or with sample=True
+        one draw mu + sigma * eps from it (eps from `generator` where given)."""
+        mu, logvar, s = self.encoder(self.network_images(images))
+        if sample:
+            mu = reparameterize(mu, logvar, self.randn(mu.shape, generator))
+        return mu, s
+
+    @torch.no_grad()
+    def decode(self, z, s):
+        """(z (N, style_dim), s (N, class_dim)) -> images (N, C, H, W) in [0, 1]."""
+        want = {"z": self.cfg.style_dim, "s": self.cfg.class_dim}
+        for name, code in (("z", z), ("s", s)):
+            if not torch.is_tensor(code) or code.dim() != 2 or code.shape[1] != want[name]:
+                got = tuple(code.shape) if torch.is_tensor(code) else type(code).__name__
+                raise ModelInputError(f"{name}: expected a code of shape (N, {want[name]}), got {got}")
+        if len(z) != len(s):
+            raise ModelInputError(f"z and s: one of each per image, got {len(z)} and {len(s)}")
+        return display_images(self.decoder(z.float().to(self.device), s.float().to(self.device)), self.cfg)
+
+    @torch.no_grad()
+    def swap(self, style_images, class_images):
+        """dec(z of style_images[i], s of class_images[i]) for each i: images (N, C, H, W) in [0, 1]
+        (z the mean of q(z|x))."""
+        x_style = self.network_images(style_images, "style_images")
+        x_class = self.network_images(class_images, "class_images")
+        if len(x_style) != len(x_class):
+            raise ModelInputError(f"swap takes one class image per style image, got {len(x_style)} style and "
+                                  f"{len(x_class)} class images")
+        z, _, _ = self.encoder(x_style)
+        _, _, s = self.encoder(x_class)
+        return self.decode(z, s)
+
+    @torch.no_grad()
+    def sample(self, class_images, generator=None):
+        """dec(z ~ N(0, I), s of class_images[i]) for each i (z from `generator` where given)."""
+        _, _, s = self.encoder(self.network_images(class_images, "class_images"))
+        return self.decode(self.randn((len(s), self.cfg.style_dim), generator), s)
+
+
+def load_model(path, device="cpu"):
+    """The TrainedModel of a training checkpoint, a run directory or a pretrained/ file (either
+    recipe), in evaluation mode on `device` ("auto": cuda, then mps, then cpu). The same loader
+    serves every evaluation script."""
+    ckpt = load_checkpoint(path)
+    cfg, encoder, decoder = build_models(ckpt, pick_device(str(device)))
+    info = {k: ckpt[k] for k in ("path", "step", "epoch", "args", "versions") if k in ckpt}
+    return TrainedModel(cfg, encoder, decoder, info)

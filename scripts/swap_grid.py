@@ -18,8 +18,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from evaluation import load_eval_data  # noqa: E402
-from utils import (HelpFormatter, UserError, atomic_write, build_models, display_images,  # noqa: E402
-                   load_checkpoint, model_images, pick_device, run_cli, swap_grid)
+from utils import (HelpFormatter, UserError, atomic_write, display_images, load_model,  # noqa: E402
+                   model_images, pick_device, run_cli, swap_grid)
 
 
 def get_args_parser():
@@ -120,8 +120,8 @@ def main(args):
         raise UserError("--prior-rows must be >= 0, --dpi and --cell-inches positive")
     out = os.path.splitext(args.out)[0] if args.out.endswith((".png", ".pdf")) else args.out
     device = pick_device(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg, encoder, decoder = build_models(ckpt, device)
+    model = load_model(args.checkpoint, device)
+    ckpt, cfg, encoder, decoder = model.checkpoint, model.cfg, model.encoder, model.decoder
     data = load_eval_data(ckpt, args.data_root, args.split)
     g = torch.Generator().manual_seed(args.seed)
     rows = choose(args.rows, args.num_rows, len(data), "--rows", g)

@@ -108,11 +108,12 @@ class BarEncoder(nn.Module):
 
 def test_classify_latents_reads_the_class_from_s_and_not_from_z(run, monkeypatch):
     """With s = the class and z = noise, the table must say so (z and s swapped anywhere fails)."""
-    def build(ckpt, device="cpu"):
-        cfg, _, decoder = utils.build_models(ckpt, device)
-        return cfg, BarEncoder(), decoder
+    def load(path, device="cpu"):
+        model = utils.load_model(path, device)
+        model.encoder = BarEncoder()
+        return model
 
-    monkeypatch.setattr(classify_latents, "build_models", build)
+    monkeypatch.setattr(classify_latents, "load_model", load)
     res = classify(run["ckpt"], "--epochs", "3", "--batch-size", "32", "--no-swap")
     row = res["targets"]["class"]
     for kind in ("mlp", "linear"):

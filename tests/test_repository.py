@@ -36,7 +36,7 @@ def test_no_tracked_file_names_a_folder_of_this_machine():
 # ---------------------------------------------------------------- imports run one way
 # networks (torch only) <- utils (infrastructure) <- data_loader <- evaluation <- the entry points.
 LAYERS = {"networks": 0, "utils": 1, "data_loader": 2, "distributed": 2, "evaluation": 3,
-          "train": 4, "classify_latents": 5, "tsne_plot": 5}
+          "train": 4, "classify_latents": 5, "tsne_plot": 5, "hubconf": 5}
 # Imported inside functions, and why: optional or heavy, needed by one command or one dataset only.
 LAZY = {"matplotlib": "plots only (and it is slow to import)", "openTSNE": "t-SNE only",
         "sklearn": "the linear probe only (slow to import)", "h5py": "Reed's Sprites files only",
