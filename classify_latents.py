@@ -6,18 +6,21 @@ the reconstruction and same-class swap errors, and how q(z|x) sits against the p
 
 Codes are taken from the encoder of the checkpoint alone; the reference classifier
 (networks.Classifier) is fitted on the codes of one set of images and tested on another
-(evaluation.classifier_sets says which, for every dataset). A scikit-learn logistic regression
+(evaluation.classifier_split says which, for every dataset). A scikit-learn logistic regression
 is reported beside it as a simpler, linear measure. Besides the class, every integer factor
-of the dataset (Sprites: action, direction, the layers) is classified the same way.
+of the dataset (Sprites: action, direction, frame) is classified the same way. On rendered Sprites
+the characters' attributes (their layer variants: body, shoes, ...) are classified by a second
+protocol, the published table's: fitted on the train split's characters, tested on the test
+split's (evaluation.attribute_names; docs/evaluation.md).
 """
 import argparse
 import json
 
 import torch
 
-from evaluation import (Z_SOURCES, accuracy, chance_level, classifier_sets, dense_labels,
-                        encode_dataset, integer_factors, linear_probe, load_eval_data,
-                        posterior_codes, posterior_stats, swap_accuracy, swap_errors,
+from evaluation import (ATTRIBUTE_RULE, Z_SOURCES, accuracy, attribute_names, chance_level, classifier_split,
+                        dense_labels, encode_dataset, identities, integer_factors, linear_probe, load_eval_data,
+                        posterior_codes, posterior_stats, subset, swap_accuracy, swap_errors,
                         train_classifier, train_image_classifier)
 from utils import HelpFormatter, UserError, atomic_write, checkpoint_dataset, load_model, pick_device, run_cli
 
@@ -40,7 +43,8 @@ def get_args_parser():
                    help="share of each class held out for testing, where the test split's classes are unseen "
                         "in training (Sprites); unused on MNIST")
     p.add_argument("--factors", action=argparse.BooleanOptionalAction, default=True,
-                   help="also classify each integer factor of the dataset (Sprites: pose and layers)")
+                   help="also classify each integer factor of the dataset (Sprites: the pose, and the "
+                        "characters' attributes fitted on the train split, tested on the test split)")
     p.add_argument("--linear-probe", action=argparse.BooleanOptionalAction, default=True,
                    help="also fit a logistic regression on each code")
     p.add_argument("--swap", action=argparse.BooleanOptionalAction, default=True,
@@ -87,6 +91,16 @@ def classify_target(name, fit_y, test_y, codes, args):
     return row
 
 
+def mean_row(rows):
+    """The mean over targets of their chance and of each accuracy column."""
+    rows = list(rows.values())
+    mean = {"chance": round(sum(r["chance"] for r in rows) / len(rows), 4)}
+    for kind in ("mlp", "linear"):
+        if all(kind in r for r in rows):
+            mean[kind] = {c: round(sum(r[kind][c] for r in rows) / len(rows), 4) for c in rows[0][kind]}
+    return mean
+
+
 def pct(v):
     return "n/a" if v is None else f"{v:.2f}"
 
@@ -95,22 +109,37 @@ def mse(v):
     return "n/a (no class has two test images)" if v is None else f"{v:.5f}"
 
 
+def target_tables(targets, mean=None):
+    """One Markdown table per classifier kind, a row per target (and the mean row, if given)."""
+    cols = ["z_train", "z_test", "s_train", "s_test"]
+    lines = []
+    for kind, title in (("mlp", "reference MLP"), ("linear", "linear probe")):
+        if not all(kind in row for row in targets.values()):
+            continue
+        lines += [f"| {title}: target | classes | chance | z train | z test | s train | s test |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, row in targets.items():
+            lines.append(f"| {name} | {row['num_classes']} | {row['chance']:.2f} | "
+                         + " | ".join(f"{row[kind][c]:.2f}" for c in cols) + " |")
+        if mean is not None:
+            lines.append(f"| mean | | {mean['chance']:.2f} | " + " | ".join(f"{mean[kind][c]:.2f}" for c in cols) + " |")
+        lines.append("")
+    return lines
+
+
 def markdown(res):
     """The results as Markdown tables (accuracy in %)."""
-    cols = ["z_train", "z_test", "s_train", "s_test"]
     lines = [f"Latent classification: {res['dataset']} (z={res['style_dim']}, s={res['class_dim']}), "
              f"{res['checkpoint']} step {res['step']}, z = {res['z_source']}, seed {res['seed']}",
              f"Split: {res['split']['rule']}; fit {res['split']['fit_images']} images, "
              f"test {res['split']['test_images']} images. Accuracy in %.", ""]
-    for kind, title in (("mlp", "reference MLP"), ("linear", "linear probe")):
-        if not all(kind in row for row in res["targets"].values()):
-            continue
-        lines += [f"| {title}: target | classes | chance | z train | z test | s train | s test |",
-                  "|---|---:|---:|---:|---:|---:|---:|"]
-        for name, row in res["targets"].items():
-            lines.append(f"| {name} | {row['num_classes']} | {row['chance']:.2f} | "
-                         + " | ".join(f"{row[kind][c]:.2f}" for c in cols) + " |")
-        lines.append("")
+    lines += target_tables(res["targets"])
+    if "attributes" in res:
+        at = res["attributes"]
+        lines += [f"Attributes, the published table's protocol: {at['protocol']}; fit {at['fit_images']} images "
+                  f"({at['fit_identities']} characters), test {at['test_images']} images ({at['test_identities']} "
+                  f"characters). Chance: the commonest value's share of the test images. Accuracy in %.", ""]
+        lines += target_tables(at["targets"], at["mean"])
     if "swap" in res:
         sw = res["swap"]
         lines += ["| swap accuracy (image classifier's label) | % |", "|---|---:|",
@@ -140,20 +169,32 @@ def main(args):
     model = load_model(args.checkpoint, device)
     ckpt, cfg, encoder, decoder = model.checkpoint, model.cfg, model.encoder, model.decoder
     checkpoint_dataset(ckpt)
-    fit_set, test_set, rule = classifier_sets(load_eval_data(ckpt, args.data_root, "train"),
-                                              load_eval_data(ckpt, args.data_root, "test"),
-                                              args.seed, args.test_fraction)
+    splits = {name: load_eval_data(ckpt, args.data_root, name) for name in ("train", "test")}
+    (fit_split, fit_idx), (test_split, test_idx), rule = classifier_split(splits["train"], splits["test"],
+                                                                          args.seed, args.test_fraction)
+    fit_set, test_set = subset(splits[fit_split], fit_idx), subset(splits[test_split], test_idx)
+    attributes = attribute_names(splits["train"], splits["test"]) if args.factors else []
 
-    # z and s of every image; eps of --z-source sample from one seeded generator
+    # z and s of every image of the splits in use, each split encoded once and its codes shared by
+    # both protocols (Sprites' train split is 86,000 images); eps of --z-source sample from one
+    # seeded generator, drawn split by split in the order train, test
     g = torch.Generator().manual_seed(args.seed)
-    z_fit, s_fit = encode_dataset(encoder, fit_set.images, z_source=args.z_source, generator=g, cfg=cfg)
-    z_test, s_test = encode_dataset(encoder, test_set.images, z_source=args.z_source, generator=g, cfg=cfg)
+    encoded = {name: encode_dataset(encoder, splits[name].images, z_source=args.z_source, generator=g, cfg=cfg)
+               for name in splits if name in (fit_split, test_split) or attributes}
+
+    def pick(split, idx):
+        z, s = encoded[split]
+        return (z, s) if idx is None else (z[idx], s[idx])
+
+    (z_fit, s_fit), (z_test, s_test) = pick(fit_split, fit_idx), pick(test_split, test_idx)
     codes = {"z": (z_fit, z_test), "s": (s_fit, s_test)}
 
+    # the attributes are classified by their own protocol only: under the within-class split an
+    # attribute is a function of the identity, whose images sit on both sides
     targets = {"class": (fit_set.labels, test_set.labels)}
     if args.factors:
         for name in integer_factors(fit_set):
-            if name in test_set.factors:
+            if name in test_set.factors and name not in attributes:
                 targets[name] = (fit_set.factors[name], test_set.factors[name])
     res = {"checkpoint": ckpt["path"], "step": ckpt.get("step"),
            "dataset": checkpoint_dataset(ckpt), "style_dim": cfg.style_dim, "class_dim": cfg.class_dim,
@@ -161,6 +202,15 @@ def main(args):
            "split": {"rule": rule, "fit_images": len(fit_set), "test_images": len(test_set)},
            "classifier": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
            "targets": {name: classify_target(name, fy, ty, codes, args) for name, (fy, ty) in targets.items()}}
+    if attributes:
+        train, test = splits["train"], splits["test"]
+        split_codes = {space: (encoded["train"][k], encoded["test"][k]) for k, space in enumerate(("z", "s"))}
+        rows = {name: classify_target(name, train.factors[name], test.factors[name], split_codes, args)
+                for name in attributes}
+        res["attributes"] = {"protocol": ATTRIBUTE_RULE, "fit_images": len(train), "test_images": len(test),
+                             "fit_identities": len(torch.unique(identities(train))),
+                             "test_identities": len(torch.unique(identities(test))),
+                             "targets": rows, "mean": mean_row(rows)}
 
     # q(z|x) against the prior, and the errors of decoding from z = mu, on the test images
     mu, logvar, s = posterior_codes(encoder, test_set.images, cfg=cfg)

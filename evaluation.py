@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_loader import DataError, ImageSet, dataset_options, default_data_root, load_dataset
+from data_loader import SPRITES_LAYERS, DataError, ImageSet, dataset_options, default_data_root, load_dataset
 from networks import Classifier, ImageClassifier, reparameterize
 from utils import checkpoint_dataset, display_images, model_images
 
@@ -131,7 +131,13 @@ def per_class_split(labels, test_fraction, seed):
     return torch.sort(torch.cat(fit)).values, torch.sort(torch.cat(test)).values
 
 
-def classifier_sets(train_set, test_set, seed, test_fraction=0.2):
+def identities(image_set):
+    """Each image's identity, numbered over all splits: Sprites numbers identities 0..K-1 within each split,
+    so its factors["identity"] holds the global number; elsewhere the label is the identity."""
+    return image_set.factors.get("identity", image_set.labels)
+
+
+def classifier_split(train_set, test_set, seed, test_fraction=0.2):
     """The images the latent classifiers are fitted on and tested on, by one rule for every dataset.
 
     - The test split's classes all occur in the train split (MNIST: the same ten digits):
@@ -141,21 +147,48 @@ def classifier_sets(train_set, test_set, seed, test_fraction=0.2):
       the pool, split within each class (seeded, `test_fraction` of each class to the test
       side): every identity is on both sides, on disjoint images, and the encoder saw none of them.
 
-    Returns (fit ImageSet, test ImageSet, description of the rule used).
+    Returns (fit, test, description of the rule used); fit and test are (split, index) pairs:
+    split "train" or "test", index a tensor of indices into that split, or None for all of it.
     """
-    # Sprites numbers identities 0..K-1 within each split; factors["identity"] is the global number.
-    ids = [s.factors.get("identity", s.labels) for s in (train_set, test_set)]
-    if classes_are_shared(*ids):
-        return train_set, test_set, "splits: classifiers fitted on the train split, tested on the test split"
+    if classes_are_shared(identities(train_set), identities(test_set)):
+        return ("train", None), ("test", None), "splits: classifiers fitted on the train split, tested on the test split"
     fit, test = per_class_split(test_set.labels, test_fraction, seed)
-
-    def subset(idx):
-        return ImageSet(test_set.images[idx], test_set.labels[idx], test_set.num_classes,
-                        {k: v[idx] for k, v in test_set.factors.items()})
-
-    return subset(fit), subset(test), (
+    return ("test", fit), ("test", test), (
         f"within-class: the test split's classes are unseen in training, so its images are split "
         f"within each class ({1 - test_fraction:.0%} fit / {test_fraction:.0%} test, seed {seed})")
+
+
+def subset(image_set, index):
+    """The images of `image_set` at `index` (a tensor of indices), or the set itself for None."""
+    if index is None:
+        return image_set
+    return ImageSet(image_set.images[index], image_set.labels[index], image_set.num_classes,
+                    {k: v[index] for k, v in image_set.factors.items()})
+
+
+def classifier_sets(train_set, test_set, seed, test_fraction=0.2):
+    """The fit and test ImageSets of classifier_split, and its rule."""
+    splits = {"train": train_set, "test": test_set}
+    (fit_split, fit), (test_split, test), rule = classifier_split(train_set, test_set, seed, test_fraction)
+    return subset(splits[fit_split], fit), subset(splits[test_split], test), rule
+
+
+# The attribute protocol (Sprites): a character's layer variants are its attributes. Unlike its
+# identity, each attribute's values are shared between the splits (another character wears the
+# same hair), so a classifier fitted on the train split's characters can be tested on the test
+# split's unseen ones: the train and test columns of the published table (docs/evaluation.md).
+ATTRIBUTES = SPRITES_LAYERS
+ATTRIBUTE_RULE = ("attributes: classifiers fitted on the codes of the train split's characters, tested on those of "
+                  "the test split's characters (unseen in training; their attributes are shared with the train split)")
+
+
+def attribute_names(train_set, test_set):
+    """The attributes classified by the attribute protocol: those both splits carry, with two or more
+    values in the train split, where the test split's identities are unseen in training (rendered
+    Sprites; not Reed's files, which lack layer labels, nor MNIST, whose own split already is train/test)."""
+    if classes_are_shared(identities(train_set), identities(test_set)):
+        return []
+    return [n for n in ATTRIBUTES if n in integer_factors(train_set) and n in test_set.factors]
 
 
 def integer_factors(image_set):

@@ -8,7 +8,8 @@
 One row per --row (a label, then the JSON files of its seeds). Each cell is the mean over the row's
 files ± the sample standard deviation (n - 1 in the denominator); a row of one file shows its value.
 `--columns` picks and orders the columns by their headers. `--target NAME` reads the classifiers of
-another target of the JSON (e.g. `direction` on Sprites; default `class`, the specified factor). A
+another target of the JSON (e.g. `direction` on Sprites; default `class`, the specified factor), or of
+the attribute protocol of rendered Sprites: `attributes.mean` (their mean), `attributes.hair` (one). A
 column appears when any file has its number; a row whose files lack it shows "–". The files of a row
 must agree on dataset, code sizes, z source and step, so that seeds of one setting are averaged and
 nothing else. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
@@ -46,12 +47,22 @@ def get_args_parser():
     p.add_argument("--row", nargs="+", action="append", required=True, metavar=("LABEL", "JSON"),
                    help="a row: its label, then the JSON files of its seeds")
     p.add_argument("--target", default="class",
-                   help="which target's classifiers fill the z/s columns (e.g. identity, direction on Sprites)")
+                   help="which target's classifiers fill the z/s columns (e.g. identity, direction on Sprites; "
+                        "attributes.mean or attributes.NAME for the attribute protocol)")
     p.add_argument("--columns", nargs="+", default=None, metavar="HEADER",
                    help=f"only these columns, in this order (default: every column some file has): "
                         f"{', '.join(repr(h) for h, _, _ in COLUMNS)}")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     return p
+
+
+def target_path(target):
+    """Where a target's classifiers sit in the JSON: targets.NAME; the attribute protocol's section for
+    attributes.NAME (attributes.targets.NAME) and attributes.mean."""
+    section, _, name = target.rpartition(".")
+    if section == "attributes":
+        return "attributes.mean" if name == "mean" else f"attributes.targets.{name}"
+    return f"targets.{target}"
 
 
 def lookup(d, path):
@@ -96,7 +107,7 @@ def cell(values, digits=2):
 def table(rows, target="class", only=None):
     """rows: [(label, [json dict, ...])] -> Markdown table (str); target: whose classifiers fill z/s;
     only: the headers of the columns to show, in order (None: every column some file has)."""
-    columns = {h: (h, path.replace("targets.class.", f"targets.{target}."), digits) for h, path, digits in COLUMNS}
+    columns = {h: (h, path.replace("targets.class.", f"{target_path(target)}."), digits) for h, path, digits in COLUMNS}
     if only is not None:
         unknown = [h for h in only if h not in columns]
         if unknown:
@@ -134,7 +145,7 @@ def main(args):
         ds = [read(f) for f in files]
         check_row(label, files, ds)
         rows.append((label, ds))
-    if not any(lookup(d, f"targets.{args.target}") for _, ds in rows for d in ds):
+    if not any(lookup(d, target_path(args.target)) for _, ds in rows for d in ds):
         raise UserError(f"no file has the target '{args.target}'")
     md = table(rows, args.target, args.columns)
     print(md, end="")

@@ -110,6 +110,23 @@ def test_another_target_fills_the_z_and_s_columns(tmp_path):
         run([("x", [str(tmp_path / "f.json")])], extra=["--target", "hair"])
 
 
+def test_the_attribute_protocol_fills_the_z_and_s_columns(tmp_path):
+    """Sprites' attributes sit in a section of their own: their mean, or one of them, by --target."""
+    d = json.loads(open(result(tmp_path, "f", 70.0, 98.0)).read())
+    d["dataset"] = "sprites"
+    d["targets"]["hair"] = {"mlp": {"z_train": 1.0, "z_test": 2.0, "s_train": 3.0, "s_test": 4.0}}  # not read
+    d["attributes"] = {"targets": {"hair": {"mlp": {"z_train": 15.0, "z_test": 14.5, "s_train": 99.0, "s_test": 97.25}}},
+                       "mean": {"chance": 22.33, "mlp": {"z_train": 23.0, "z_test": 22.5, "s_train": 98.0, "s_test": 96.0}}}
+    (tmp_path / "f.json").write_text(json.dumps(d))
+    for target, z_test, s_test in (("attributes.mean", "22.50", "96.00"), ("attributes.hair", "14.50", "97.25")):
+        md = run([("sprites", [str(tmp_path / "f.json")])], extra=["--target", target])
+        assert header(md)[0] == f"setting (target: {target})"
+        row = dict(zip(header(md), cells(md, "sprites")))
+        assert (row["z test"], row["s test"]) == (z_test, s_test), target
+    with pytest.raises(UserError, match="no file has the target 'attributes.eyes'"):
+        run([("x", [str(tmp_path / "f.json")])], extra=["--target", "attributes.eyes"])
+
+
 def test_columns_pick_and_order_and_posterior_stats_show(tmp_path):
     d = json.loads(open(result(tmp_path, "p", 70.0, 98.0, swap=94.0)).read())
     d["posterior"] = {"kl_per_dim": 1.2, "sigma_mean": 0.3812, "abs_mu_mean": 0.8049}

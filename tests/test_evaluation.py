@@ -71,7 +71,7 @@ def test_classify_latents_table_json_and_determinism(run, tmp_path, capsys):
     saved = json.loads(a.read_text())
     assert saved["split"]["fit_images"] == 256 and saved["split"]["test_images"] == 64
     assert saved["split"]["rule"].startswith("splits")  # MNIST: train split vs test split
-    assert list(saved["targets"]) == ["class"]  # MNIST has no factors
+    assert list(saved["targets"]) == ["class"] and "attributes" not in saved  # MNIST has no factors
     row = saved["targets"]["class"]
     assert row["chance"] == pytest.approx(100 * 7 / 64)
     for kind in ("mlp", "linear"):

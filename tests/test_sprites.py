@@ -1,5 +1,6 @@
 """2D Sprites: Reed's file format (fixtures written the way MATLAB writes them), the renderer
-from the LPC sheets (fake sheets, and the real ones where present), its cache, and training."""
+from the LPC sheets (fake sheets, and the real ones where present), its cache, training, and the
+attribute protocol of classify_latents.py."""
 import os
 
 import h5py
@@ -9,7 +10,9 @@ import scipy.io
 import torch
 from PIL import Image
 
+import classify_latents
 import data_loader
+import evaluation
 import train
 from conftest import SHARED_DATA
 from data_loader import (LPC_CROP_LEFT, LPC_CROP_TOP, SPRITES_LAYERS, DataError, PairSampler, load_dataset,
@@ -196,6 +199,71 @@ def test_train_main_runs_on_sprites(fake_lpc, tmp_path):
     ckpt = torch.load(tmp_path / "R" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["model_config"]["image_size"] == 60 and ckpt["args"]["style_dim"] == 512
     assert (tmp_path / "R" / "samples" / "swap_0000002.png").exists()
+
+
+def test_attributes_are_fitted_on_train_characters_and_tested_on_test_characters(fake_lpc, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """The attribute protocol: each attribute's classifiers are fitted on the codes of the train split's
+    characters and tested on the test split's unseen ones; each split is encoded once for both protocols."""
+    monkeypatch.setattr(data_loader, "SPRITES_IDENTITIES", (8, 1, 4))
+    run_dir = tmp_path / "R"
+    train.main(train.get_args_parser().parse_args(
+        ["--dataset", "sprites", "--data-root", fake_lpc, "--run-dir", str(run_dir), "--max-steps", "1",
+         "--batch-size", "4", "--no-progress", "--device", "cpu", "--style-dim", "8", "--class-dim", "8"]))
+    train_set, test_set = (load_dataset("sprites", fake_lpc, s) for s in ("train", "test"))
+    attrs = [n for n in SPRITES_LAYERS if len(train_set.factors[n].unique()) > 1]
+    assert len(attrs) >= 3  # eyes has one variant: no target
+
+    encodes, fits, probes = [], [], []
+    real_encode, real_fit, real_probe = classify_latents.encode_dataset, classify_latents.train_classifier, \
+        classify_latents.linear_probe
+
+    def encode_spy(encoder, images, **kwargs):
+        encodes.append((images, real_encode(encoder, images, **kwargs)))
+        return encodes[-1][1]
+
+    def fit_spy(features, labels, *args):
+        fits.append((features, labels, real_fit(features, labels, *args)))
+        return fits[-1][2]
+
+    def probe_spy(fit_x, fit_y, test_x, test_y, seed):
+        probes.append((fit_x, test_x))
+        return real_probe(fit_x, fit_y, test_x, test_y, seed)
+
+    monkeypatch.setattr(classify_latents, "encode_dataset", encode_spy)
+    monkeypatch.setattr(classify_latents, "train_classifier", fit_spy)
+    monkeypatch.setattr(classify_latents, "linear_probe", probe_spy)
+    res = classify_latents.main(classify_latents.get_args_parser().parse_args(
+        ["--checkpoint", str(run_dir), "--epochs", "2", "--no-swap", "--swap-pairs", "16"]))
+    # each split encoded once, its codes shared by both protocols
+    assert len(encodes) == 2 and torch.equal(encodes[0][0], train_set.images) and torch.equal(encodes[1][0], test_set.images)
+    codes = {"train": encodes[0][1], "test": encodes[1][1]}
+    # the identity protocol as before: within the test split; the attributes have a section of their own
+    assert res["split"]["rule"].startswith("within-class")
+    assert list(res["targets"]) == ["class", "identity", "action", "direction", "frame"]
+    at = res["attributes"]
+    assert at["protocol"].startswith("attributes: classifiers fitted on the codes of the train split's characters")
+    assert (at["fit_images"], at["test_images"], at["fit_identities"], at["test_identities"]) == (8 * 172, 4 * 172, 8, 4)
+    assert list(at["targets"]) == attrs
+    # the classifiers' calls come target by target, z then s: the attributes' are the last ones
+    attr_fits, attr_probes = fits[-2 * len(attrs):], probes[-2 * len(attrs):]
+    for i, name in enumerate(attrs):
+        fit_y, test_y, k = evaluation.dense_labels(train_set.factors[name], test_set.factors[name])
+        row = at["targets"][name]
+        assert row["num_classes"] == k
+        assert row["chance"] == classify_latents.pc(torch.bincount(test_y).max().item() / len(test_y))
+        for j, space in enumerate(("z", "s")):
+            features, labels, model = attr_fits[2 * i + j]
+            assert torch.equal(features, codes["train"][j]) and torch.equal(labels, fit_y), (name, space)
+            assert row["mlp"][f"{space}_train"] == classify_latents.pc(evaluation.accuracy(model, codes["train"][j], fit_y))
+            assert row["mlp"][f"{space}_test"] == classify_latents.pc(evaluation.accuracy(model, codes["test"][j], test_y))
+            fit_x, test_x = attr_probes[2 * i + j]
+            assert torch.equal(fit_x, codes["train"][j]) and torch.equal(test_x, codes["test"][j]), (name, space)
+    for key in ("z_train", "z_test", "s_train", "s_test"):
+        assert at["mean"]["mlp"][key] == pytest.approx(sum(at["targets"][n]["mlp"][key] for n in attrs) / len(attrs), abs=1e-4)
+    assert at["mean"]["chance"] == pytest.approx(sum(at["targets"][n]["chance"] for n in attrs) / len(attrs), abs=1e-4)
+    out = capsys.readouterr().out
+    assert "Attributes, the published table's protocol" in out and f"| mean | | {at['mean']['chance']:.2f} |" in out
 
 
 # ----------------------------------------------------------------------------- the real sheets
