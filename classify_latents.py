@@ -18,11 +18,13 @@ import json
 
 import torch
 
+import train
 from evaluation import (ATTRIBUTE_RULE, Z_SOURCES, accuracy, attribute_names, chance_level, classifier_split,
-                        dense_labels, encode_dataset, identities, integer_factors, linear_probe, load_eval_data,
-                        posterior_codes, posterior_stats, subset, swap_accuracy, swap_errors,
-                        train_classifier, train_image_classifier)
-from utils import HelpFormatter, UserError, atomic_write, checkpoint_dataset, load_model, pick_device, run_cli
+                        dense_labels, encode_dataset, eval_seed, evaluation_settings, identities, integer_factors,
+                        linear_probe, load_eval_data, posterior_codes, posterior_stats, subset, swap_accuracy,
+                        swap_errors, train_classifier, train_image_classifier, training_run)
+from utils import (HelpFormatter, UserError, atomic_write, checkpoint_dataset, load_model, pick_device, run_cli,
+                   training_args)
 
 
 def get_args_parser():
@@ -30,8 +32,10 @@ def get_args_parser():
                                             "the class code s of a checkpoint's encoder.",
                                 formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="checkpoint file (or run directory) to evaluate")
-    p.add_argument("--data-root", default=None, help="data folder (default: the one the checkpoint was trained on)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice: same seed, same numbers")
+    p.add_argument("--data-root", default=None,
+                   help="data folder (default: $DISENTANGLE_DATA_ROOT, else the checkpoint's, else ./data)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="evaluation seed (not the training seed) of every random choice: same seed, same numbers")
     p.add_argument("--out", default=None, help="also write the results as JSON to this file")
     p.add_argument("--z-source", default="mean", choices=Z_SOURCES,
                    help="z = the mean of q(z|x), or one reparameterised draw from it (the reference's README "
@@ -58,6 +62,11 @@ def get_args_parser():
                         "machine idle threads spin against the other processes (several times slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p
+
+
+def train_flags():
+    """The names of train.py's arguments that change training (all but utils.NOT_TRAINING_ARGS)."""
+    return sorted(training_args(vars(train.get_args_parser().parse_args([]))))
 
 
 def check_args(args):
@@ -127,10 +136,38 @@ def target_tables(targets, mean=None):
     return lines
 
 
+def known(v):
+    return "unknown" if v is None else v
+
+
+def run_line(run):
+    """One line: the training run of the checkpoint, as recorded."""
+    if run is None:
+        return "Training run: not recorded (results/RUN_RECORDS_MISSING.md)"
+    flags = ", ".join(f"{k} {v}" for k, v in run["flags"].items())
+    missing = f"; not recorded: {', '.join(run['unrecorded'])}" if run["unrecorded"] else ""
+    return (f"Training run: seed {known(run['seed'])}, {known(run['dataset'])}, recipe {known(run['recipe'])}, "
+            f"z={run['style_dim']}, s={run['class_dim']}, step {known(run['step'])}, epoch {known(run['epoch'])}, "
+            f"code {known(run['code_version'])}, weights sha256 {run['weights_sha256'][:12]}; "
+            f"flags: {flags or 'none recorded'}{missing}")
+
+
+def header(res):
+    """The lines above the tables. A JSON of the older form (a top-level "seed", no records) keeps
+    its older one-line header."""
+    first = (f"Latent classification: {res['dataset']} (z={res['style_dim']}, s={res['class_dim']}), "
+             f"{res['checkpoint']} step {res['step']}, z = {res['z_source']}")
+    if "evaluation" not in res:
+        return [f"{first}, seed {res['seed']}"]
+    ev = res["evaluation"]
+    return [f"{first}, evaluation seed {eval_seed(res)}", run_line(res.get("run")),
+            f"Evaluation: seed {ev['seed']}, threads {known(ev['threads'])}, device {known(ev['device'])}, "
+            f"code {known(ev['code_version'])}"]
+
+
 def markdown(res):
     """The results as Markdown tables (accuracy in %)."""
-    lines = [f"Latent classification: {res['dataset']} (z={res['style_dim']}, s={res['class_dim']}), "
-             f"{res['checkpoint']} step {res['step']}, z = {res['z_source']}, seed {res['seed']}",
+    lines = [*header(res),
              f"Split: {res['split']['rule']}; fit {res['split']['fit_images']} images, "
              f"test {res['split']['test_images']} images. Accuracy in %.", ""]
     lines += target_tables(res["targets"])
@@ -196,9 +233,11 @@ def main(args):
         for name in integer_factors(fit_set):
             if name in test_set.factors and name not in attributes:
                 targets[name] = (fit_set.factors[name], test_set.factors[name])
+    # "run": what trained the checkpoint; "evaluation": this command's own settings (its seed is not the run's)
     res = {"checkpoint": ckpt["path"], "step": ckpt.get("step"),
            "dataset": checkpoint_dataset(ckpt), "style_dim": cfg.style_dim, "class_dim": cfg.class_dim,
-           "seed": args.seed, "z_source": args.z_source, "unit": "percent",
+           "run": training_run(ckpt, train_flags()), "evaluation": evaluation_settings(args.seed, args.threads, device),
+           "z_source": args.z_source, "unit": "percent",
            "split": {"rule": rule, "fit_images": len(fit_set), "test_images": len(test_set)},
            "classifier": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
            "targets": {name: classify_target(name, fy, ty, codes, args) for name, (fy, ty) in targets.items()}}

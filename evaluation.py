@@ -1,30 +1,94 @@
 """Evaluation helpers shared by classify_latents.py, tsne_plot.py and scripts/: loading a
 checkpoint's data, encoding it, the classifier split, the latent classifiers, the swap accuracy and
 the errors of swapped decodes."""
+import hashlib
+import os
 import warnings
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data_loader import SPRITES_LAYERS, DataError, ImageSet, dataset_options, default_data_root, load_dataset
+from data_loader import (DATA_ROOT_ENV, DEFAULT_DATA_ROOT, SPRITES_LAYERS, DataError, ImageSet, dataset_options,
+                         load_dataset)
 from networks import Classifier, ImageClassifier, reparameterize
-from utils import checkpoint_dataset, display_images, model_images
+from utils import checkpoint_dataset, code_version, display_images, model_images, training_args
 
 Z_SOURCES = ("mean", "sample")  # z of an image: the mean of q(z|x), or one reparameterised draw
 
 
+def eval_data_root(ckpt, data_root=None):
+    """(data root, where it comes from) for a checkpoint's data: --data-root, else
+    $DISENTANGLE_DATA_ROOT, else the folder the checkpoint was trained from, else ./data. The
+    environment beats the checkpoint: a user who set it means it, and a file trained on another
+    machine names a folder of that machine."""
+    if data_root:
+        return data_root, "--data-root"
+    if os.environ.get(DATA_ROOT_ENV):
+        return os.environ[DATA_ROOT_ENV], f"${DATA_ROOT_ENV}"
+    recorded = (ckpt.get("args") or {}).get("data_root")
+    if recorded:
+        return recorded, "the checkpoint"
+    return DEFAULT_DATA_ROOT, "the default"
+
+
 def load_eval_data(ckpt, data_root=None, split="test"):
-    """The ImageSet of `split` of the checkpoint's dataset; the data root is --data-root if given,
-    else the checkpoint's own, else the default one."""
-    args = ckpt.get("args") or {}
-    root = data_root or args.get("data_root") or default_data_root()
+    """The ImageSet of `split` of the checkpoint's dataset, from the data root of eval_data_root."""
+    root, source = eval_data_root(ckpt, data_root)
     try:  # dataset options (e.g. LINEMOD's BOP splits) as the checkpoint was trained with
-        return load_dataset(checkpoint_dataset(ckpt), root, split, **dataset_options(args))
+        return load_dataset(checkpoint_dataset(ckpt), root, split, **dataset_options(ckpt.get("args") or {}))
     except DataError as e:
-        if data_root:
+        if source == "--data-root":
             raise
-        raise DataError(f"{e} (the data root comes from the checkpoint; pass --data-root to use another)") from None
+        raise DataError(f"{e} (the data root comes from {source}; pass --data-root to use another)") from None
+
+
+def weights_sha256(ckpt):
+    """sha256 of the encoder's and decoder's tensors (names, dtypes, shapes, bytes): the same for a
+    training checkpoint, its copies and its pretrained export, different for any other weights."""
+    h = hashlib.sha256()
+    for net in ("encoder", "decoder"):
+        for name, t in sorted(ckpt[net].items()):
+            t = t.detach().cpu().contiguous()
+            h.update(f"{net}.{name} {t.dtype} {tuple(t.shape)}\n".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+# The keys of a training run record; every other training argument goes under "flags".
+RUN_KEYS = ("seed", "dataset", "recipe", "style_dim", "class_dim")
+
+
+def training_run(ckpt, train_flags):
+    """The record of the training run behind a checkpoint (or pretrained file), as far as the file
+    holds it: seed, dataset, recipe, code sizes, every other argument that changes training
+    ("flags"), step, epoch, the code version that wrote it, the checkpoint and its weights' hash.
+    "unrecorded" names the training arguments the file does not hold (an older export); their
+    values are unknown, not defaults. A value the file lacks is None. train_flags: the names of
+    train.py's arguments that change training (classify_latents.train_flags)."""
+    args = training_args(ckpt.get("args"))
+    cfg = ckpt.get("model_config") or {}
+    code = (ckpt.get("versions") or {}).get("code")
+    return {**{k: args.get(k) for k in RUN_KEYS[:3]},
+            "style_dim": cfg.get("style_dim", args.get("style_dim")),
+            "class_dim": cfg.get("class_dim", args.get("class_dim")),
+            "flags": {k: v for k, v in sorted(args.items()) if k not in RUN_KEYS},
+            "unrecorded": [k for k in train_flags if k not in args],
+            "step": ckpt.get("step"), "epoch": ckpt.get("epoch"),
+            "code_version": code if code and code != "unknown" else None,
+            "checkpoint": ckpt.get("path"), "weights_sha256": weights_sha256(ckpt)}
+
+
+def evaluation_settings(seed, threads, device):
+    """The evaluation's own settings, recorded apart from the training run's."""
+    code = code_version()
+    return {"seed": seed, "threads": threads, "device": str(device),
+            "code_version": None if code == "unknown" else code}
+
+
+def eval_seed(res):
+    """The evaluation seed of a classify_latents.py JSON, new form or old (top-level "seed")."""
+    return (res.get("evaluation") or {}).get("seed", res.get("seed"))
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tensorboardX.proto.summary_pb2 import Summary
 from tqdm import tqdm
 
-from data_loader import (LINEMOD_EVAL_SPLIT, LINEMOD_MIN_VISIBILITY, LINEMOD_TRAIN_SPLIT, PairSampler,
+from data_loader import (DATA_ROOT_ENV, LINEMOD_EVAL_SPLIT, LINEMOD_MIN_VISIBILITY, LINEMOD_TRAIN_SPLIT, PairSampler,
                          TripletSampler, conditioning_labels, dataset_options, default_data_root, load_dataset)
 from distributed import World, rank_seed, setup_distributed
 from networks import (AUTHORS_CONFIGS, CONFIGS, authors_kl, config_from_dict, get_config, kl_divergence,
@@ -674,6 +674,8 @@ def merge_resume_args(args, ckpt):
         elif v != saved.get(k):
             raise CheckpointError(f"--{k.replace('_', '-')} {v} differs from the checkpoint's "
                                   f"{saved.get(k)}: a resumed run keeps the checkpoint's setting")
+    if args.data_root is None and os.environ.get(DATA_ROOT_ENV):  # as for evaluation: the environment, then
+        saved["data_root"] = os.environ[DATA_ROOT_ENV]             # the checkpoint's folder
     if args.run_dir is None:  # continue in the checkpoint's own run directory, named as the path was given
         saved["run_dir"] = os.path.normpath(os.path.join(ckpt["path"], os.pardir, os.pardir))
     return argparse.Namespace(**saved)

@@ -32,7 +32,8 @@ def get_args_parser():
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads of openTSNE and torch (more help only on an otherwise idle machine)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--data-root", default=None, help="data folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-root", default=None,
+                   help="data folder (default: $DISENTANGLE_DATA_ROOT, else the checkpoint's, else ./data)")
     p.add_argument("--out", required=True, help="output PNG")
     p.add_argument("--dpi", type=int, default=200)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])

@@ -376,13 +376,22 @@ def save_grid_png(grid, path):
 
 # ----------------------------------------------------------------------------- pretrained files
 
-PRETRAINED_ARGS = ("dataset", "style_dim", "class_dim", "seed", "data_root",
-                   "linemod_train_split", "linemod_eval_split", "min_visibility")
+# train.py's arguments that do not change what is trained: where it reads and writes, and what it
+# reports. A pretrained file keeps every other argument (the record of its run) and none of these:
+# a data folder or run folder of the machine that trained it means nothing on another.
+NOT_TRAINING_ARGS = ("data_root", "run_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints",
+                     "log_every", "sample_every", "progress")
+
+
+def training_args(args):
+    """The arguments of a checkpoint's args dict that change training (all but NOT_TRAINING_ARGS)."""
+    return {k: v for k, v in (args or {}).items() if k not in NOT_TRAINING_ARGS}
 
 
 def export_pretrained(ckpt_path, out_path, allow_dirty=False):
-    """Write the small file evaluation needs: encoder, decoder, model config and a few args
-    (no discriminator, optimisers, sampler or RNG states). Returns the dict written.
+    """Write the small file evaluation needs: encoder, decoder, model config and the training args
+    (training_args: no data or run folder), without discriminator, optimisers, sampler or RNG
+    states. Returns the dict written.
 
     A checkpoint trained from uncommitted changes (code version '...-dirty') is refused unless
     `allow_dirty`: no commit holds the code that made such weights, which a shared file should say
@@ -393,11 +402,10 @@ def export_pretrained(ckpt_path, out_path, allow_dirty=False):
     if code.endswith("-dirty") and not allow_dirty:
         raise UserError(f"'{ckpt_path}' was trained from uncommitted changes (code {code}): export a checkpoint "
                         f"trained from committed code, or pass --allow-dirty (the file then records '{code}')")
-    args = ckpt.get("args") or {}
     small = {"format": CHECKPOINT_FORMAT, "model_config": ckpt["model_config"],
-             "args": {k: args[k] for k in PRETRAINED_ARGS if k in args},
+             "args": training_args(ckpt.get("args")),
              "encoder": ckpt["encoder"], "decoder": ckpt["decoder"],
-             "step": ckpt.get("step"), "versions": ckpt.get("versions")}
+             "step": ckpt.get("step"), "epoch": ckpt.get("epoch"), "versions": ckpt.get("versions")}
     atomic_save(small, out_path, "the pretrained file")
     return small
 
@@ -518,5 +526,7 @@ def load_model(path, device="cpu"):
     serves every evaluation script."""
     ckpt = load_checkpoint(path)
     cfg, encoder, decoder = build_models(ckpt, pick_device(str(device)))
-    info = {k: ckpt[k] for k in ("path", "step", "epoch", "args", "versions") if k in ckpt}
+    # what the checkpoint says of its run (its weights as saved: evaluation.weights_sha256 hashes them)
+    info = {k: ckpt[k] for k in ("path", "step", "epoch", "args", "versions", "model_config", "encoder", "decoder")
+            if k in ckpt}
     return TrainedModel(cfg, encoder, decoder, info)

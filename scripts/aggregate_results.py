@@ -12,7 +12,11 @@ another target of the JSON (e.g. `direction` on Sprites; default `class`, the sp
 the attribute protocol of rendered Sprites: `attributes.mean` (their mean), `attributes.hair` (one). A
 column appears when any file has its number; a row whose files lack it shows "–". The files of a row
 must agree on dataset, code sizes, z source and step, so that seeds of one setting are averaged and
-nothing else. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
+nothing else; they must be different training runs (no checkpoint, weights, or training seed and
+setting twice: a copy of a file is refused too), and evaluated alike (evaluation seed, threads, device
+and code version as recorded in the JSON's "evaluation"; --allow-mixed-evaluation lets that pass).
+"seeds" counts the distinct training seeds the files record ("run"); a row with a file of the older
+form, without that record, counts its files instead and is named on stderr. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
 stepped (the 80% gate open), read from the run's metrics.csv when the checkpoint named in the JSON still
 sits in its run directory (runs/NAME/checkpoints/...).
 """
@@ -39,6 +43,11 @@ COLUMNS = [
 ]
 # What the files of one row must share.
 SAME = ("dataset", "style_dim", "class_dim", "z_source", "step")
+# What a row's files must share of their evaluation ("evaluation" of the JSON; None in the older form).
+SAME_EVALUATION = ("seed", "threads", "device", "code_version")
+# What tells one training run from another besides its checkpoint and weights: a run trained twice
+# with the same seed, setting and code gives the same weights.
+RUN_ID_IGNORED = ("checkpoint", "weights_sha256", "step", "epoch", "record_source")
 
 
 def get_args_parser():
@@ -52,6 +61,8 @@ def get_args_parser():
     p.add_argument("--columns", nargs="+", default=None, metavar="HEADER",
                    help=f"only these columns, in this order (default: every column some file has): "
                         f"{', '.join(repr(h) for h, _, _ in COLUMNS)}")
+    p.add_argument("--allow-mixed-evaluation", action="store_true",
+                   help="let a row average files evaluated with other settings (seed, threads, device, code)")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     return p
 
@@ -81,6 +92,40 @@ def read(path):
         raise UserError(f"cannot read '{path}': {e}") from None
     d["disc_stepped"] = disc_stepped(d)
     return d
+
+
+def evaluation(d):
+    """The evaluation settings of a JSON; the older form recorded only its seed, at the top level."""
+    ev = d.get("evaluation") or {"seed": d.get("seed")}
+    return {k: ev.get(k) for k in SAME_EVALUATION}
+
+
+def seed_count(ds):
+    """(number of seeds, counted from the training runs' records?): the distinct recorded training
+    seeds, or, where a file records none, the number of files (the older rule)."""
+    seeds = [(d.get("run") or {}).get("seed") for d in ds]
+    if any(s is None for s in seeds):
+        return len(ds), False
+    return len(set(seeds)), True
+
+
+def same_run(a, b):
+    """Why the JSON dicts a and b measure one training run (a reason), or None."""
+    ca, cb = a.get("checkpoint"), b.get("checkpoint")
+    if ca and cb and os.path.normpath(ca) == os.path.normpath(cb):
+        return f"the same checkpoint {ca}"
+    ra, rb = a.get("run"), b.get("run")
+    if not ra or not rb:
+        return None
+    if ra.get("weights_sha256") and ra.get("weights_sha256") == rb.get("weights_sha256"):
+        return "the same weights (sha256)"
+
+    def run_id(r):
+        return json.dumps({k: v for k, v in r.items() if k not in RUN_ID_IGNORED}, sort_keys=True)
+
+    if ra.get("seed") is not None and run_id(ra) == run_id(rb):
+        return f"the same training seed {ra['seed']}, setting and code"
+    return None
 
 
 def disc_stepped(d):
@@ -120,7 +165,7 @@ def table(rows, target="class", only=None):
              "|---|---:|---|" + "---:|" * len(used)]
     for label, ds in rows:
         cells = [cell([lookup(d, path) for d in ds if lookup(d, path) is not None], digits) for _, path, digits in used]
-        lines.append(f"| {label} | {len(ds)} | {ds[0].get('z_source', '?')} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {seed_count(ds)[0]} | {ds[0].get('z_source', '?')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,12 +174,23 @@ def mixed_key(ds, keys=SAME):
     return next((k for k in keys if len({json.dumps(d.get(k)) for d in ds}) > 1), None)
 
 
-def check_row(label, files, ds):
+def check_row(label, files, ds, allow_mixed_evaluation=False):
     key = mixed_key(ds)
     if key is not None:
         values = sorted({json.dumps(d.get(key)) for d in ds})
         raise UserError(f"row '{label}' mixes {key} values {values} ({', '.join(files)}): "
                         f"a row averages seeds of one setting")
+    for i in range(len(ds)):
+        for j in range(i):
+            why = same_run(ds[j], ds[i])
+            if why:
+                raise UserError(f"row '{label}' holds one training run twice ({why}): {files[j]} and {files[i]}")
+    evs = [evaluation(d) for d in ds]
+    key = mixed_key(evs, SAME_EVALUATION)
+    if key is not None and not allow_mixed_evaluation:
+        values = sorted({json.dumps(e[key]) for e in evs})
+        raise UserError(f"row '{label}' mixes evaluation {key} values {values} ({', '.join(files)}; null: not "
+                        f"recorded): evaluate its files alike, or pass --allow-mixed-evaluation")
 
 
 def main(args):
@@ -143,7 +199,10 @@ def main(args):
         if not files:
             raise UserError(f"row '{label}' names no JSON file")
         ds = [read(f) for f in files]
-        check_row(label, files, ds)
+        check_row(label, files, ds, args.allow_mixed_evaluation)
+        if not seed_count(ds)[1]:
+            print(f"note: row '{label}': a file records no training run, so its seeds column counts files "
+                  f"(older rule)", file=sys.stderr)
         rows.append((label, ds))
     if not any(lookup(d, target_path(args.target)) for _, ds in rows for d in ds):
         raise UserError(f"no file has the target '{args.target}'")

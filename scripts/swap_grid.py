@@ -35,7 +35,8 @@ def get_args_parser():
     p.add_argument("--prior-rows", type=int, default=0, help="extra rows with z ~ N(0, I)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random images and of the prior rows")
     p.add_argument("--split", default="test", help="dataset split the images come from")
-    p.add_argument("--data-root", default=None, help="data folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--data-root", default=None,
+                   help="data folder (default: $DISENTANGLE_DATA_ROOT, else the checkpoint's, else ./data)")
     p.add_argument("--out", required=True, help="output path without extension: writes OUT.png and OUT.pdf")
     p.add_argument("--dpi", type=int, default=300, help="resolution of the PNG")
     p.add_argument("--cell-inches", type=float, default=0.45, help="printed size of one image")
