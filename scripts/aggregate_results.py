@@ -12,10 +12,9 @@ another target of the JSON (e.g. `direction` on Sprites; default `class`, the sp
 column appears when any file has its number; a row whose files lack it shows "–". The files of a row
 must agree on dataset, code sizes, z source and step, so that seeds of one setting are averaged and
 nothing else. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
-stepped (the 80% gate open), read from the run's metrics.csv when the checkpoint named in the JSON still
-sits in its run directory (runs/NAME/checkpoints/...).
+stepped (the 80% gate open), read from the run's committed summary (scripts/run_summary.py) when one lies
+beside the JSON; no number comes from an uncommitted run folder.
 """
-import csv
 import argparse
 import json
 import os
@@ -24,6 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from run_summary import disc_stepped  # noqa: E402
 from utils import HelpFormatter, UserError, run_cli  # noqa: E402
 
 # (header, path of the number in classify_latents.py's JSON, decimals)
@@ -34,7 +34,7 @@ COLUMNS = [
     ("swap", "swap.swap", 2), ("prior swap", "swap.prior", 2), ("z leak", "swap.style_leak", 2),
     ("rec MSE", "errors.reconstruction", 4), ("same-class swap MSE", "errors.same_class_swap", 4),
     ("KL/dim", "posterior.kl_per_dim", 3), ("mean σ", "posterior.sigma_mean", 3), ("mean abs μ", "posterior.abs_mu_mean", 3),
-    ("D stepped", "disc_stepped", 2),  # from the run's metrics.csv, see disc_stepped()
+    ("D stepped", "disc_stepped", 2),  # from the run's summary, see run_summary.disc_stepped()
 ]
 # What the files of one row must share.
 SAME = ("dataset", "style_dim", "class_dim", "z_source", "step")
@@ -68,21 +68,8 @@ def read(path):
             d = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read '{path}': {e}") from None
-    d["disc_stepped"] = disc_stepped(d)
+    d["disc_stepped"] = disc_stepped(path, d)
     return d
-
-
-def disc_stepped(d):
-    """% of iterations 1..step whose discriminator stepped, from the metrics.csv of the checkpoint's run
-    directory; None when that is not at hand (an exported file, another machine)."""
-    ckpt, step = d.get("checkpoint") or "", d.get("step")
-    run_dir = os.path.dirname(os.path.dirname(ckpt))
-    path = os.path.join(run_dir, "metrics.csv")
-    if os.path.basename(os.path.dirname(ckpt)) != "checkpoints" or not step or not os.path.isfile(path):
-        return None
-    with open(path, newline="") as f:
-        flags = [int(r["disc_stepped"]) for r in csv.DictReader(f) if r["step"].isdigit() and int(r["step"]) <= step]
-    return 100.0 * sum(flags) / len(flags) if flags else None
 
 
 def cell(values, digits=2):
