@@ -120,17 +120,22 @@ def manifest(root):
 
 
 def regenerate_tables(root):
-    """{path of a table file: regenerated text} for the manifest's commands, run as written."""
-    out = {}
+    """{path of a table file: regenerated text (None where its command failed)} for the manifest's
+    commands, run as written, and the errors of the commands that failed."""
+    out, errors = {}, []
     for n, (script, *argv) in manifest(root):
         module = GENERATORS[script]
         args = module.get_args_parser().parse_args(argv)
         if not args.out:
             raise UserError(f"{MANIFEST} line {n}: the command writes no --out file")
         path, args.out = os.path.normpath(args.out), None
-        with contextlib.redirect_stdout(io.StringIO()):
-            out[path] = module.main(args)
-    return out
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                out[path] = module.main(args)
+        except UserError as e:
+            out[path] = None
+            errors.append(f"{MANIFEST} line {n} ({path}): {e}")
+    return out, errors
 
 
 def regenerate_json_tables():
@@ -156,7 +161,7 @@ def numbers(cell):
 def check_doc(doc, text, generated):
     """Differences between the tables of a README and the regenerated tables."""
     errors, lines = [], text.split("\n")
-    tables = [t for t in generated.values() for _, t in blocks(t) if t[0].startswith("|")]
+    tables = [t for made in generated.values() if made for _, t in blocks(made) if t[0].startswith("|")]
     for n, table in blocks(text):
         if not table[0].startswith("|") or len(table) < 3:
             continue
@@ -171,7 +176,7 @@ def check_doc(doc, text, generated):
             if missing:
                 errors.append(f"{where}: cites {missing}, which are not regenerated table files")
             for f in marker.group(2).split():
-                for _, t in blocks(generated.get(f, "")):
+                for _, t in blocks(generated.get(f) or ""):
                     if t[0].startswith("|"):
                         known |= {c for r in rows(t)[1] for c in r[1:]}
             for r in body:
@@ -195,9 +200,11 @@ def check(root="."):
     here = os.getcwd()
     os.chdir(root)  # the commands name their files relative to the repository root
     try:
-        generated = {**regenerate_json_tables(), **regenerate_tables(root)}
-        errors = []
+        tables, errors = regenerate_tables(root)
+        generated = {**regenerate_json_tables(), **tables}
         for path, text in generated.items():
+            if text is None:
+                continue
             if not os.path.isfile(path):
                 errors.append(f"{path}: missing (its command is in {MANIFEST})")
                 continue
