@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the other scripts
 
 import aggregate_results  # noqa: E402
+from classify_latents import markdown  # noqa: E402
 from utils import HelpFormatter, UserError, run_cli  # noqa: E402
 
 MANIFEST = os.path.join("results", "tables.sh")
@@ -140,7 +141,6 @@ def regenerate_tables(root):
 
 def regenerate_json_tables():
     """{X.md: markdown of X.json} for every classify_latents.py JSON under results/ with a .md beside it."""
-    from classify_latents import markdown  # imports torch: only here
     out = {}
     for path in sorted(glob.glob(os.path.join("results", "**", "*.json"), recursive=True)):
         md = path[:-len(".json")] + ".md"
