@@ -185,17 +185,19 @@ def markdown(res):
                   f"| dec(z ~ N(0, I), s_j) labelled class(j) | {sw['prior']:.2f} |",
                   f"| dec(z_i, s_j) labelled class(i), pairs of different classes | {pct(sw['style_leak'])} |",
                   f"| chance (most frequent class) | {res['targets']['class']['chance']:.2f} |", ""]
-        lines += ["| class (of s_j) | pairs | dec(z ~ N(0, I), s_j) labelled class(j), % | "
-                  "dec(z_i, s_j) labelled class(j), % |", "|---|---:|---:|---:|"]
-        lines += [f"| {r['class']} | {r['pairs']} | {pct(r['prior'])} | {pct(r['swap'])} |" for r in sw["by_class"]]
-        lines.append("")
-    er, po = res["errors"], res["posterior"]
-    lines += [f"| error against x_i, z = mean of q(z\\|x), {er['pairs']} pairs | MSE per pixel |", "|---|---:|",
-              f"| reconstruction: dec(z_i, s_i) | {mse(er['reconstruction'])} |",
-              f"| same-class swap: dec(z_i, s_j), i != j of the same class | {mse(er['same_class_swap'])} |", "",
-              "| q(z\\|x) on the test images | |", "|---|---:|",
-              f"| mean sigma | {po['sigma_mean']:.4f} |", f"| mean \\|mu\\| | {po['abs_mu_mean']:.4f} |",
-              f"| KL(q(z\\|x) ‖ N(0, I)) per dimension, nats | {po['kl_per_dim']:.4f} |", ""]
+        if "by_class" in sw:  # JSONs of older code lack this and the sections below: their tables, as printed then
+            lines += ["| class (of s_j) | pairs | dec(z ~ N(0, I), s_j) labelled class(j), % | "
+                      "dec(z_i, s_j) labelled class(j), % |", "|---|---:|---:|---:|"]
+            lines += [f"| {r['class']} | {r['pairs']} | {pct(r['prior'])} | {pct(r['swap'])} |" for r in sw["by_class"]]
+            lines.append("")
+    if "errors" in res:
+        er, po = res["errors"], res["posterior"]
+        lines += [f"| error against x_i, z = mean of q(z\\|x), {er['pairs']} pairs | MSE per pixel |", "|---|---:|",
+                  f"| reconstruction: dec(z_i, s_i) | {mse(er['reconstruction'])} |",
+                  f"| same-class swap: dec(z_i, s_j), i != j of the same class | {mse(er['same_class_swap'])} |", "",
+                  "| q(z\\|x) on the test images | |", "|---|---:|",
+                  f"| mean sigma | {po['sigma_mean']:.4f} |", f"| mean \\|mu\\| | {po['abs_mu_mean']:.4f} |",
+                  f"| KL(q(z\\|x) ‖ N(0, I)) per dimension, nats | {po['kl_per_dim']:.4f} |", ""]
     return "\n".join(lines)
 
 

@@ -895,7 +895,7 @@ def run_training(args, ckpt, cfg, world, device):
         write(log_line, msg, console)
 
     log(f"{'resuming' if ckpt else 'training'} {args.dataset}, {args.recipe} recipe "
-        f"(z={cfg.style_dim}, s={cfg.class_dim}) on {device}: "
+        f"(z={cfg.style_dim}, s={cfg.class_dim}) on {device}, {torch.get_num_threads()} CPU threads: "
         f"step {step} -> {total}, {steps_per_epoch} iterations per epoch, run dir {run_dir}"
         + (f"; {world.size} processes x batch {args.batch_size}" if world.distributed else ""))
     if t.reseeded_from:

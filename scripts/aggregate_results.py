@@ -17,10 +17,9 @@ setting twice: a copy of a file is refused too), and evaluated alike (evaluation
 and code version as recorded in the JSON's "evaluation"; --allow-mixed-evaluation lets that pass).
 "seeds" counts the distinct training seeds the files record ("run"); a row with a file of the older
 form, without that record, counts its files instead and is named on stderr. "D stepped" is the share of iterations up to the checkpoint's step whose discriminator
-stepped (the 80% gate open), read from the run's metrics.csv when the checkpoint named in the JSON still
-sits in its run directory (runs/NAME/checkpoints/...).
+stepped (the 80% gate open), read from the run's committed summary (scripts/run_summary.py) when one lies
+beside the JSON; no number comes from an uncommitted run folder.
 """
-import csv
 import argparse
 import json
 import os
@@ -29,6 +28,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from run_summary import disc_stepped  # noqa: E402
 from utils import HelpFormatter, UserError, run_cli  # noqa: E402
 
 # (header, path of the number in classify_latents.py's JSON, decimals)
@@ -39,7 +39,7 @@ COLUMNS = [
     ("swap", "swap.swap", 2), ("prior swap", "swap.prior", 2), ("z leak", "swap.style_leak", 2),
     ("rec MSE", "errors.reconstruction", 4), ("same-class swap MSE", "errors.same_class_swap", 4),
     ("KL/dim", "posterior.kl_per_dim", 3), ("mean σ", "posterior.sigma_mean", 3), ("mean abs μ", "posterior.abs_mu_mean", 3),
-    ("D stepped", "disc_stepped", 2),  # from the run's metrics.csv, see disc_stepped()
+    ("D stepped", "disc_stepped", 2),  # from the run's summary, see run_summary.disc_stepped()
 ]
 # What the files of one row must share.
 SAME = ("dataset", "style_dim", "class_dim", "z_source", "step")
@@ -90,7 +90,7 @@ def read(path):
             d = json.load(f)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read '{path}': {e}") from None
-    d["disc_stepped"] = disc_stepped(d)
+    d["disc_stepped"] = disc_stepped(path, d)
     return d
 
 
@@ -126,19 +126,6 @@ def same_run(a, b):
     if ra.get("seed") is not None and run_id(ra) == run_id(rb):
         return f"the same training seed {ra['seed']}, setting and code"
     return None
-
-
-def disc_stepped(d):
-    """% of iterations 1..step whose discriminator stepped, from the metrics.csv of the checkpoint's run
-    directory; None when that is not at hand (an exported file, another machine)."""
-    ckpt, step = d.get("checkpoint") or "", d.get("step")
-    run_dir = os.path.dirname(os.path.dirname(ckpt))
-    path = os.path.join(run_dir, "metrics.csv")
-    if os.path.basename(os.path.dirname(ckpt)) != "checkpoints" or not step or not os.path.isfile(path):
-        return None
-    with open(path, newline="") as f:
-        flags = [int(r["disc_stepped"]) for r in csv.DictReader(f) if r["step"].isdigit() and int(r["step"]) <= step]
-    return 100.0 * sum(flags) / len(flags) if flags else None
 
 
 def cell(values, digits=2):

@@ -68,22 +68,6 @@ def test_a_row_refuses_to_mix_settings(tmp_path, differ):
         run([("mixed", [a, b])])
 
 
-def test_share_of_iterations_whose_discriminator_stepped(tmp_path):
-    run_dir = tmp_path / "runs" / "a"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    rows = ["step,epoch,recon_loss,kl,gen_loss,disc_loss,disc_acc,disc_stepped"]
-    rows += [f"{s},0,1,1,1,1,0.5,{int(s % 4 == 0)}" for s in range(1, 13)]  # steps 4, 8, 12 stepped
-    (run_dir / "metrics.csv").write_text("\n".join(rows) + "\n")
-    at_8 = json.loads(open(result(tmp_path, "r8", 70.0, 98.0, step=8)).read())
-    at_8["checkpoint"] = str(run_dir / "checkpoints" / "step_0000008.pt")
-    path = tmp_path / "r8.json"
-    path.write_text(json.dumps(at_8))
-    exported = result(tmp_path, "exported", 70.0, 98.0, step=8)  # no run directory: no number
-    md = run([("at 8", [str(path)]), ("exported", [exported])])
-    assert dict(zip(header(md), cells(md, "at 8")))["D stepped"] == "25.00"  # 2 of the first 8
-    assert dict(zip(header(md), cells(md, "exported")))["D stepped"] == "–"
-
-
 def test_error_and_kl_columns_keep_their_decimals(tmp_path):
     files = []
     for i, (rec, swap_err, kl) in enumerate([(0.01187, 0.01346, 0.0824), (0.01213, 0.01402, 0.0901)]):
