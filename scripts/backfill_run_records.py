@@ -152,7 +152,8 @@ def new_markdown(md, old, new):
 
 def missing_file(rows, argv):
     """The Markdown list of JSONs left without a record; argv: the backfill's arguments, as run."""
-    lines = ["# classify_latents.py JSONs without a training run record", "",
+    lines = ["<!-- quoted: the list scripts/backfill_run_records.py writes; no numbers -->",
+             "# classify_latents.py JSONs without a training run record", "",
              "Written by `scripts/backfill_run_records.py`; these JSONs have `\"run\": null`: the checkpoint they",
              "name is gone (run folders are not kept in git) and no file at hand holds the same weights. Their",
              "training seed, flags and code version are not recorded; re-evaluating the checkpoint (where it",
