@@ -21,8 +21,8 @@ import torch
 import train
 from evaluation import (ATTRIBUTE_RULE, Z_SOURCES, accuracy, attribute_names, chance_level, classifier_split,
                         dense_labels, encode_dataset, eval_seed, evaluation_settings, identities, integer_factors,
-                        linear_probe, load_eval_data, posterior_codes, posterior_stats, subset, swap_accuracy,
-                        swap_errors, train_classifier, train_image_classifier, training_run)
+                        linear_probe, load_eval_data, model_run, posterior_codes, posterior_stats, subset,
+                        swap_accuracy, swap_errors, train_classifier, train_image_classifier)
 from utils import (HelpFormatter, UserError, atomic_write, checkpoint_dataset, load_model, pick_device, run_cli,
                    training_args)
 
@@ -238,7 +238,7 @@ def main(args):
     # "run": what trained the checkpoint; "evaluation": this command's own settings (its seed is not the run's)
     res = {"checkpoint": ckpt["path"], "step": ckpt.get("step"),
            "dataset": checkpoint_dataset(ckpt), "style_dim": cfg.style_dim, "class_dim": cfg.class_dim,
-           "run": training_run(ckpt, train_flags()), "evaluation": evaluation_settings(args.seed, args.threads, device),
+           "run": model_run(model, train_flags()), "evaluation": evaluation_settings(args.seed, args.threads, device),
            "z_source": args.z_source, "unit": "percent",
            "split": {"rule": rule, "fit_images": len(fit_set), "test_images": len(test_set)},
            "classifier": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},

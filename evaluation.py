@@ -79,6 +79,12 @@ def training_run(ckpt, train_flags):
             "checkpoint": ckpt.get("path"), "weights_sha256": weights_sha256(ckpt)}
 
 
+def model_run(model, train_flags):
+    """training_run of a utils.TrainedModel: its checkpoint's record, its weights hashed as saved."""
+    return training_run({**model.checkpoint, "encoder": model.encoder.state_dict(),
+                         "decoder": model.decoder.state_dict()}, train_flags)
+
+
 def evaluation_settings(seed, threads, device):
     """The evaluation's own settings, recorded apart from the training run's."""
     code = code_version()

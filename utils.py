@@ -526,7 +526,5 @@ def load_model(path, device="cpu"):
     serves every evaluation script."""
     ckpt = load_checkpoint(path)
     cfg, encoder, decoder = build_models(ckpt, pick_device(str(device)))
-    # what the checkpoint says of its run (its weights as saved: evaluation.weights_sha256 hashes them)
-    info = {k: ckpt[k] for k in ("path", "step", "epoch", "args", "versions", "model_config", "encoder", "decoder")
-            if k in ckpt}
+    info = {k: ckpt[k] for k in ("path", "step", "epoch", "args", "versions", "model_config") if k in ckpt}
     return TrainedModel(cfg, encoder, decoder, info)

@@ -28,9 +28,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from classify_latents import header, train_flags  # noqa: E402
-from evaluation import (classifier_sets, load_eval_data, posterior_codes, posterior_stats,  # noqa: E402
-                        training_run)
-from utils import HelpFormatter, UserError, atomic_write, build_models, load_checkpoint, run_cli  # noqa: E402
+from evaluation import classifier_sets, load_eval_data, model_run, posterior_codes, posterior_stats  # noqa: E402
+from utils import HelpFormatter, UserError, atomic_write, load_model, run_cli  # noqa: E402
 
 USAGE = "--data-root ../shared/data --candidates pretrained/*.pt --missing results/RUN_RECORDS_MISSING.md"
 STATS = ("sigma_mean", "abs_mu_mean", "kl_per_dim", "kl_each_dim")
@@ -65,7 +64,8 @@ class Weights:
     """One checkpoint file, loaded once, with its posterior statistics computed once per evaluation seed."""
 
     def __init__(self, path):
-        self.path, self.ckpt, self.stats = path, load_checkpoint(path), {}
+        self.path, self.model, self.stats = path, load_model(path), {}
+        self.ckpt = self.model.checkpoint
 
     def fits(self, d):
         cfg = self.ckpt["model_config"]
@@ -75,7 +75,7 @@ class Weights:
     def posterior(self, seed, data_root):
         """posterior_stats on the images classify_latents.py tests on (classifier_sets, its default split)."""
         if seed not in self.stats:
-            cfg, encoder, _ = build_models(self.ckpt)
+            cfg, encoder = self.model.cfg, self.model.encoder
             _, test_set, _ = classifier_sets(load_eval_data(self.ckpt, data_root, "train"),
                                              load_eval_data(self.ckpt, data_root, "test"), seed)
             mu, logvar, _ = posterior_codes(encoder, test_set.images, cfg=cfg)
@@ -116,14 +116,14 @@ def find_run(d, candidates, data_root, loaded):
             return None, f"its checkpoint {own} now holds other weights (posterior statistics differ)"
         how = "the JSON's checkpoint" + (", posterior statistics checked" if ok else
                                          " (still at its path; the JSON holds no posterior statistics to check)")
-        return {**training_run(w.ckpt, train_flags()), "record_source": {"file": own, "how": how}}, how
+        return {**model_run(w.model, train_flags()), "record_source": {"file": own, "how": how}}, how
     if not d.get("posterior"):
         return None, f"its checkpoint {own} is gone, and the JSON holds no posterior statistics to match a candidate"
     for path in candidates:
         w = weights(path)
         if w.fits(d) and w.matches(d, data_root):
             how = f"same weights as {path}: dataset, code sizes, step and posterior statistics match"
-            return {**training_run(w.ckpt, train_flags()), "record_source": {"file": path, "how": how}}, how
+            return {**model_run(w.model, train_flags()), "record_source": {"file": path, "how": how}}, how
     return None, f"its checkpoint {own} is gone, and no candidate holds its weights"
 
 
