@@ -41,6 +41,16 @@ def cuda_for_gpu_tests(request, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", cuda_is_available)
         monkeypatch.delenv("DISENTANGLE_AUTO_DEVICE")
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster, and much faster on a busy machine, where idle
+    OpenMP threads spin against other processes."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SHARED_DATA = os.path.abspath(os.path.join(ROOT, "..", "shared", "data"))
 needs_mnist = pytest.mark.skipif(
     not os.path.isfile(os.path.join(SHARED_DATA, "MNIST", "raw", "train-images-idx3-ubyte")),

@@ -28,12 +28,7 @@ import swap_grid  # noqa: E402
 SMALL = ["--nf", "4", "--style-dim", "6", "--class-dim", "5"]  # the authors' networks, narrow: fast tests
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture

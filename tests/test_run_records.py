@@ -23,12 +23,7 @@ import export_pretrained  # noqa: E402
 import plot_results  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def train_run(root, run_dir, seed, *extra):
