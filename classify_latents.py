@@ -216,10 +216,12 @@ def main(args):
 
     # z and s of every image of the splits in use, each split encoded once and its codes shared by
     # both protocols (Sprites' train split is 86,000 images); eps of --z-source sample from one
-    # seeded generator, drawn split by split in the order train, test
+    # seeded generator, drawn split by split: the class protocol's splits first, so that its numbers
+    # do not depend on whether the attributes need another split too (--no-factors)
     g = torch.Generator().manual_seed(args.seed)
+    in_use = dict.fromkeys([fit_split, test_split] + (["train", "test"] if attributes else []))
     encoded = {name: encode_dataset(encoder, splits[name].images, z_source=args.z_source, generator=g, cfg=cfg)
-               for name in splits if name in (fit_split, test_split) or attributes}
+               for name in in_use}
 
     def pick(split, idx):
         z, s = encoded[split]

@@ -235,9 +235,9 @@ def test_attributes_are_fitted_on_train_characters_and_tested_on_test_characters
     monkeypatch.setattr(classify_latents, "linear_probe", probe_spy)
     res = classify_latents.main(classify_latents.get_args_parser().parse_args(
         ["--checkpoint", str(run_dir), "--epochs", "2", "--no-swap", "--swap-pairs", "16"]))
-    # each split encoded once, its codes shared by both protocols
-    assert len(encodes) == 2 and torch.equal(encodes[0][0], train_set.images) and torch.equal(encodes[1][0], test_set.images)
-    codes = {"train": encodes[0][1], "test": encodes[1][1]}
+    # each split encoded once, its codes shared by both protocols; the identity protocol's split first
+    assert len(encodes) == 2 and torch.equal(encodes[0][0], test_set.images) and torch.equal(encodes[1][0], train_set.images)
+    codes = {"test": encodes[0][1], "train": encodes[1][1]}
     # the identity protocol as before: within the test split; the attributes have a section of their own
     assert res["split"]["rule"].startswith("within-class")
     assert list(res["targets"]) == ["class", "identity", "action", "direction", "frame"]
@@ -264,6 +264,20 @@ def test_attributes_are_fitted_on_train_characters_and_tested_on_test_characters
     assert at["mean"]["chance"] == pytest.approx(sum(at["targets"][n]["chance"] for n in attrs) / len(attrs), abs=1e-4)
     out = capsys.readouterr().out
     assert "Attributes, the published table's protocol" in out and f"| mean | | {at['mean']['chance']:.2f} |" in out
+
+
+def test_sampled_z_of_the_class_rows_does_not_depend_on_the_attributes(fake_lpc, tmp_path, monkeypatch):
+    """--z-source sample draws eps for the class protocol's split before the attributes' extra split,
+    so --factors (the default) and --no-factors give the same identity row."""
+    monkeypatch.setattr(data_loader, "SPRITES_IDENTITIES", (8, 1, 4))
+    run_dir = tmp_path / "R"
+    train.main(train.get_args_parser().parse_args(
+        ["--dataset", "sprites", "--data-root", fake_lpc, "--run-dir", str(run_dir), "--max-steps", "1",
+         "--batch-size", "4", "--no-progress", "--device", "cpu", "--style-dim", "8", "--class-dim", "8"]))
+    rows = [classify_latents.main(classify_latents.get_args_parser().parse_args(
+        ["--checkpoint", str(run_dir), "--epochs", "1", "--no-swap", "--no-linear-probe", "--z-source", "sample",
+         flag]))["targets"]["class"] for flag in ("--factors", "--no-factors")]
+    assert rows[0] == rows[1]
 
 
 # ----------------------------------------------------------------------------- the real sheets
