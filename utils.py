@@ -380,7 +380,7 @@ def save_grid_png(grid, path):
 # reports. A pretrained file keeps every other argument (the record of its run) and none of these:
 # a data folder or run folder of the machine that trained it means nothing on another.
 NOT_TRAINING_ARGS = ("data_root", "run_dir", "resume", "overwrite", "checkpoint_every", "keep_checkpoints",
-                     "log_every", "sample_every", "progress")
+                     "log_every", "sample_every", "progress", "dist_timeout")
 
 
 def training_args(args):
@@ -522,7 +522,7 @@ class TrainedModel(nn.Module):
 
 def load_model(path, device="cpu"):
     """The TrainedModel of a training checkpoint, a run directory or a pretrained/ file (either
-    recipe), in evaluation mode on `device` ("auto": cuda, then mps, then cpu). The same loader
+    recipe), in evaluation mode on `device` ("auto": as --device auto, see pick_device). The same loader
     serves every evaluation script."""
     ckpt = load_checkpoint(path)
     cfg, encoder, decoder = build_models(ckpt, pick_device(str(device)))

@@ -42,12 +42,14 @@ def run_tests(timeout):
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", f"--junitxml={xml}",
                os.path.join(REPO, "tests", "test_gpu.py")]
         try:
-            subprocess.run(cmd, cwd=REPO, timeout=timeout, capture_output=True, text=True)
+            p = subprocess.run(cmd, cwd=REPO, timeout=timeout, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
             return [("gpu tests", f"timed out after {timeout:.0f} s", None)]
-        if not os.path.exists(xml):
-            return [("gpu tests", "pytest wrote no report", None)]
-        return test_rows(xml)
+        rows = test_rows(xml) if os.path.exists(xml) else []
+        if p.returncode not in (0, 1) or not rows:  # 1: some test failed, which its row says
+            last = (p.stdout + p.stderr).strip().splitlines() or ["no output"]
+            rows.append(("gpu tests", f"pytest exit status {p.returncode}, {len(rows)} tests reported: {last[-1]}", None))
+        return rows
 
 
 def test_rows(junit_xml):

@@ -19,8 +19,9 @@ Beside it/s it counts, over --count-iterations iterations, the aten operators an
 dispatches (all, and those that are not views: on a GPU each non-view one is roughly a kernel
 launch) and its host syncs: the points where the host waits for the device's results on a GPU
 (values read on the host by .item()/.tolist()/bool(), copies to the CPU, tensors made from Python
-data, which become pageable host-to-device copies, and operators whose output size depends on values). The counts are the same on every device, so
-the CPU shows what a GPU iteration would launch and wait for.
+data, which become pageable host-to-device copies, and operators whose output size depends on values). The counts are those of the device it runs on: the
+CPU's show what a GPU iteration would launch and wait for, except that on CUDA Adam takes its fused
+path (one kernel per step where the CPU's foreach path dispatches several).
 """
 import argparse
 import json
@@ -221,6 +222,7 @@ def measure(name, impl, args):
         ["--dataset", name, "--batch-size", str(args.batch_size), "--device", args.device]
         + (["--compile"] if args.compile else []) + (["--amp"] if args.amp else []))
     cfg = get_config(name)
+    train.set_numerics(targs)  # the precision and determinism switches train.py sets: full fp32 by default
     torch.manual_seed(0)
     t = train.Trainer(cfg, targs, data, device)
     stepped = []

@@ -11,8 +11,8 @@ files ± the sample standard deviation (n - 1 in the denominator); a row of one 
 another target of the JSON (e.g. `direction` on Sprites; default `class`, the specified factor), or of
 the attribute protocol of rendered Sprites: `attributes.mean` (their mean), `attributes.hair` (one). A
 column appears when any file has its number; a row whose files lack it shows "–". The files of a row
-must agree on dataset, code sizes, z source and step, so that seeds of one setting are averaged and
-nothing else; they must be different training runs (no checkpoint, weights, or training seed and
+must agree on dataset, code sizes, z source and step, and on the recipe and training flags their run
+records hold (but epochs, max_steps and device), so that seeds of one setting are averaged and nothing else; they must be different training runs (no checkpoint, weights, or training seed and
 setting twice: a copy of a file is refused too), and evaluated alike (evaluation seed, threads, device
 and code version as recorded in the JSON's "evaluation"; --allow-mixed-evaluation lets that pass).
 "seeds" counts the distinct training seeds the files record ("run"); a row with a file of the older
@@ -45,6 +45,9 @@ COLUMNS = [
 SAME = ("dataset", "style_dim", "class_dim", "z_source", "step")
 # What a row's files must share of their evaluation ("evaluation" of the JSON; None in the older form).
 SAME_EVALUATION = ("seed", "threads", "device", "code_version")
+# Training flags (the run record's "flags") a row's files may differ in: how long a run was meant to be
+# (the step is compared above) and where it ran; any other recorded flag must agree.
+FLAGS_MAY_DIFFER = ("epochs", "max_steps", "device")
 # What tells one training run from another besides its checkpoint and weights: a run trained twice
 # with the same seed, setting and code gives the same weights.
 RUN_ID_IGNORED = ("checkpoint", "weights_sha256", "step", "epoch", "record_source")
@@ -161,11 +164,25 @@ def mixed_key(ds, keys=SAME):
     return next((k for k in keys if len({json.dumps(d.get(k)) for d in ds}) > 1), None)
 
 
+def mixed_flag(ds):
+    """The first training setting, as the files' run records hold it (recipe and every flag that all
+    of them record, but FLAGS_MAY_DIFFER), on which they disagree, and its values; or None."""
+    runs = [d["run"] for d in ds if d.get("run")]
+    settings = [{"recipe": r.get("recipe"), **r.get("flags", {})} for r in runs]
+    shared = set.intersection(*(set(f) for f in settings)) - set(FLAGS_MAY_DIFFER) if settings else set()
+    key = mixed_key(settings, sorted(shared))
+    return key and (key, sorted({json.dumps(f[key]) for f in settings}))
+
+
 def check_row(label, files, ds, allow_mixed_evaluation=False):
     key = mixed_key(ds)
     if key is not None:
         values = sorted({json.dumps(d.get(key)) for d in ds})
         raise UserError(f"row '{label}' mixes {key} values {values} ({', '.join(files)}): "
+                        f"a row averages seeds of one setting")
+    mixed = mixed_flag(ds)
+    if mixed:
+        raise UserError(f"row '{label}' mixes training {mixed[0]} values {mixed[1]} ({', '.join(files)}): "
                         f"a row averages seeds of one setting")
     for i in range(len(ds)):
         for j in range(i):

@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 from classify_latents import header, train_flags  # noqa: E402
-from evaluation import classifier_sets, load_eval_data, model_run, posterior_codes, posterior_stats  # noqa: E402
+from evaluation import classifier_sets, eval_seed, load_eval_data, model_run, posterior_codes, posterior_stats  # noqa: E402
 from utils import HelpFormatter, UserError, atomic_write, load_model, run_cli  # noqa: E402
 
 USAGE = "--data-root ../shared/data --candidates pretrained/*.pt --missing results/RUN_RECORDS_MISSING.md"
@@ -86,7 +86,7 @@ class Weights:
         po = d.get("posterior")
         if not po:
             return None  # nothing to measure against
-        mine = self.posterior(eval_seed_of(d), data_root)
+        mine = self.posterior(eval_seed(d) or 0, data_root)
         return all(close(po[k], mine[k]) for k in STATS if k in po)
 
 
@@ -95,10 +95,6 @@ def close(a, b):
     if isinstance(a, list):
         return len(a) == len(b) and all(close(x, y) for x, y in zip(a, b))
     return abs(a - b) <= TOLERANCE
-
-
-def eval_seed_of(d):
-    return d["evaluation"]["seed"] if "evaluation" in d else d.get("seed", 0)
 
 
 def find_run(d, candidates, data_root, loaded):
@@ -111,6 +107,8 @@ def find_run(d, candidates, data_root, loaded):
     own = d["checkpoint"]
     if os.path.isfile(own):
         w = weights(own)
+        if not w.fits(d):
+            return None, f"its checkpoint {own} now holds another run (dataset, code sizes or step differ)"
         ok = w.matches(d, data_root)
         if ok is False:
             return None, f"its checkpoint {own} now holds other weights (posterior statistics differ)"

@@ -197,10 +197,12 @@ def check_doc(doc, text, generated):
 
 def check(root="."):
     """Every difference between the committed tables under root and the regenerated ones, one line each."""
+    if not os.path.isfile(os.path.join(root, MANIFEST)):
+        raise UserError(f"{os.path.join(root, MANIFEST)} not found: --root must be the repository root")
     here = os.getcwd()
     os.chdir(root)  # the commands name their files relative to the repository root
     try:
-        tables, errors = regenerate_tables(root)
+        tables, errors = regenerate_tables(".")
         generated = {**regenerate_json_tables(), **tables}
         for path, text in generated.items():
             if text is None:

@@ -134,3 +134,13 @@ def test_benchmark_reports_ops_and_syncs_per_iteration():
     assert 1100 >= r["ops_per_it"] > r["non_view_ops_per_it"] > 0
     assert r["syncs_by_kind"] == {"tolist": 1.0} and r["syncs_per_it"] == 1
     assert "ops/it" in bench.summary_line(r)
+
+
+def test_the_benchmark_sets_the_numerics_train_py_sets(monkeypatch):
+    """A process that had TF32 on measures full fp32, as `python train.py` would train (no --tf32)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    args = bench.get_args_parser().parse_args(["--warmup", "1", "--windows", "1", "--window-seconds", "0.01",
+                                               "--batch-size", "8", "--device", "cpu"])
+    bench.measure("mnist", "ours", args)
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32

@@ -76,3 +76,10 @@ def test_tables_no_command_regenerates_are_refused_unless_marked(copy):
         "row 'z test', column 'value': ['70.48 ± 1.14'] in no table of results/mnist/epoch50.md")
     readme.write_text(text.replace("from: results/mnist/epoch50.md", "quoted: a paper"))
     assert check_results.check(str(copy)) == []
+
+
+def test_a_relative_root_works_and_a_folder_without_the_manifest_is_one_clear_error(copy, tmp_path, monkeypatch):
+    monkeypatch.chdir(copy.parent)
+    assert check_results.check(copy.name) == []
+    with pytest.raises(check_results.UserError, match="tables.sh not found: --root must be the repository root"):
+        check_results.check(str(tmp_path / "results"))

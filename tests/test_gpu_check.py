@@ -84,3 +84,13 @@ def test_every_part_is_limited_by_what_is_left_of_the_budget(fake_gpu, monkeypat
     monkeypatch.setattr(gpu_check, "run_benchmark", lambda mode, d, r, timeout: limits.append(timeout) or ROW)
     gpu_check.main(gpu_check.get_args_parser().parse_args(["--budget", "100", "--tests-timeout", "300"]))
     assert limits == [100.0, 50.0, 10.0, 1.0]
+
+
+@pytest.mark.parametrize("status, said", [(4, "ERROR: file or directory not found"), (5, "no tests ran")])
+def test_a_pytest_that_reports_no_test_is_a_failure(monkeypatch, status, said):
+    """A usage error, or no `gpu` test collected: the table says so and the check fails."""
+    monkeypatch.setattr(gpu_check.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, status, stdout=said + "\n", stderr=""))
+    rows = gpu_check.run_tests(timeout=10)
+    assert rows == [("gpu tests", f"pytest exit status {status}, 0 tests reported: {said}", None)]
+    assert gpu_check.failed(rows, {})

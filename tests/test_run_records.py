@@ -85,9 +85,13 @@ def test_json_records_the_training_run_apart_from_the_evaluation(runs):
     assert gen1["seed"] == 1 and gen1["flags"]["gen_steps"] == 1
 
 
-def test_aggregate_counts_recorded_training_seeds(runs, capsys):
+def test_aggregate_counts_recorded_training_seeds(runs, tmp_path, capsys):
+    again = json.load(open(runs["s1_json"]))  # seed 1 trained again by other code: another run, the same seed
+    again["checkpoint"] = again["run"]["checkpoint"] = "elsewhere/last.pt"
+    again["run"].update(code_version="0" * 12, weights_sha256="0" * 64)
+    (tmp_path / "again.json").write_text(json.dumps(again))
     md = aggregate([("two seeds", [runs["s0_json"], runs["s1_json"]]),
-                    ("three runs, two seeds", [runs["s0_json"], runs["s1_json"], runs["s1_gen1_json"]])])
+                    ("three runs, two seeds", [runs["s0_json"], runs["s1_json"], str(tmp_path / "again.json")])])
     assert seeds_cell(md, "two seeds") == "2"
     assert seeds_cell(md, "three runs, two seeds") == "2"  # seeds, not files
     assert "note:" not in capsys.readouterr().err
@@ -133,6 +137,15 @@ def test_duplicated_run_is_refused_naming_the_files(runs, tmp_path):
     shutil.copy(old, tmp_path / "old_copy.json")
     with pytest.raises(utils.UserError, match="the same checkpoint"):
         aggregate([("old", [str(old), str(tmp_path / "old_copy.json")])])
+
+
+def test_a_row_mixing_training_flags_is_refused(runs, tmp_path):
+    with pytest.raises(utils.UserError, match=r"row 'mixed' mixes training gen_steps values \['1', '2'\]"):
+        aggregate([("mixed", [runs["s0_json"], runs["s1_gen1_json"]])])
+    d = json.load(open(runs["s1_json"]))  # how long a run was meant to be may differ
+    d["run"]["flags"]["epochs"] += 10
+    (tmp_path / "longer.json").write_text(json.dumps(d))
+    assert seeds_cell(aggregate([("longer", [runs["s0_json"], str(tmp_path / "longer.json")])]), "longer") == "2"
 
 
 def test_mixed_evaluation_settings_are_refused_unless_allowed(runs, tmp_path):
@@ -197,6 +210,18 @@ def test_backfill_reads_the_checkpoint_or_a_file_with_the_same_weights(runs, tmp
     assert here.read_text() == before
 
 
+def test_backfill_refuses_a_checkpoint_at_the_jsons_path_that_holds_another_step(runs, tmp_path):
+    """Without posterior statistics to compare, dataset, code sizes and step still have to fit."""
+    d = older_form(json.load(open(runs["s1_json"])))
+    del d["posterior"]
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps({**d, "step": d["step"] + 1}, indent=2))
+    backfill_run_records.main(backfill_run_records.get_args_parser().parse_args(
+        [str(later), "--data-root", runs["root"], "--missing", str(tmp_path / "MISSING.md")]))
+    assert json.load(open(later))["run"] is None
+    assert "now holds another run" in (tmp_path / "MISSING.md").read_text()
+
+
 # ----------------------------------------------------------------------------- data root and pretrained files
 
 def test_data_root_order(monkeypatch):
@@ -255,3 +280,12 @@ def test_committed_pretrained_files_record_no_folder():
 def test_the_arguments_left_out_of_the_record_are_train_py_arguments():
     """A misspelt name would leave its argument in the record and out of nothing."""
     assert set(utils.NOT_TRAINING_ARGS) <= set(vars(train.get_args_parser().parse_args([])))
+
+
+def test_the_process_group_timeout_is_not_a_training_flag():
+    """--dist-timeout waits longer for rank 0's data; the weights it trains are the same."""
+    args = vars(train.get_args_parser().parse_args([]))
+    records = [evaluation.training_run({"args": {**args, "dist_timeout": t}, "encoder": {}, "decoder": {}},
+                                       classify_latents.train_flags())
+               for t in (60, 600)]
+    assert records[0]["flags"] == records[1]["flags"] and "dist_timeout" not in records[0]["unrecorded"]
