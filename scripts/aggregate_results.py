@@ -10,7 +10,7 @@ files ± the sample standard deviation (n - 1 in the denominator); a row of one 
 `--columns` picks and orders the columns by their headers. `--target NAME` reads the classifiers of
 another target of the JSON (e.g. `direction` on Sprites; default `class`, the specified factor), or of
 the attribute protocol of rendered Sprites: `attributes.mean` (their mean), `attributes.hair` (one). A
-column appears when any file has its number; a row whose files lack it shows "–". The files of a row
+column appears when any file has its number; a row shows "–" where any of its files lacks it. The files of a row
 must agree on dataset, code sizes, z source and step, and on the recipe and training flags their run
 records hold (but epochs, max_steps and device), so that seeds of one setting are averaged and nothing else; they must be different training runs (no checkpoint, weights, or training seed and
 setting twice: a copy of a file is refused too), and evaluated alike (evaluation seed, threads, device
@@ -131,6 +131,13 @@ def same_run(a, b):
     return None
 
 
+def values(ds, path):
+    """The numbers at path of a row's files; none where a file lacks it (a mean over part of a row's
+    seeds would pass for the row's)."""
+    found = [lookup(d, path) for d in ds]
+    return [] if None in found else found
+
+
 def cell(values, digits=2):
     if not values:
         return "–"
@@ -154,7 +161,7 @@ def table(rows, target="class", only=None):
     lines = [f"| {first} | seeds | z | " + " | ".join(h for h, _, _ in used) + " |",
              "|---|---:|---|" + "---:|" * len(used)]
     for label, ds in rows:
-        cells = [cell([lookup(d, path) for d in ds if lookup(d, path) is not None], digits) for _, path, digits in used]
+        cells = [cell(values(ds, path), digits) for _, path, digits in used]
         lines.append(f"| {label} | {seed_count(ds)[0]} | {ds[0].get('z_source', '?')} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -60,6 +60,12 @@ def test_one_file_shows_its_value_and_missing_numbers_a_dash(tmp_path):
     assert "linear z test" not in header(md)  # no file has it: no column
 
 
+def test_a_number_some_of_a_rows_files_lack_is_a_dash_not_the_mean_of_the_others(tmp_path):
+    md = run([("two seeds", [result(tmp_path, "a", 70.0, 98.0, swap=94.0), result(tmp_path, "b", 60.0, 97.0)])])
+    row = dict(zip(header(md), cells(md, "two seeds")))
+    assert row["swap"] == "–" and row["z test"] == "65.00 ± 7.07"
+
+
 @pytest.mark.parametrize("differ", ["z_source", "step"])
 def test_a_row_refuses_to_mix_settings(tmp_path, differ):
     a = result(tmp_path, "a", 70.0, 98.0)
