@@ -175,7 +175,8 @@ def mixed_flag(ds):
     """The first training setting, as the files' run records hold it (recipe and every flag that all
     of them record, but FLAGS_MAY_DIFFER), on which they disagree, and its values; or None."""
     runs = [d["run"] for d in ds if d.get("run")]
-    settings = [{"recipe": r.get("recipe"), **r.get("flags", {})} for r in runs]
+    settings = [{k: v for k, v in {"recipe": r.get("recipe"), **r.get("flags", {})}.items() if v is not None}
+                for r in runs]  # None: not recorded (an older file), not a setting
     shared = set.intersection(*(set(f) for f in settings)) - set(FLAGS_MAY_DIFFER) if settings else set()
     key = mixed_key(settings, sorted(shared))
     return key and (key, sorted({json.dumps(f[key]) for f in settings}))

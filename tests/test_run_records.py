@@ -142,8 +142,9 @@ def test_duplicated_run_is_refused_naming_the_files(runs, tmp_path):
 def test_a_row_mixing_training_flags_is_refused(runs, tmp_path):
     with pytest.raises(utils.UserError, match=r"row 'mixed' mixes training gen_steps values \['1', '2'\]"):
         aggregate([("mixed", [runs["s0_json"], runs["s1_gen1_json"]])])
-    d = json.load(open(runs["s1_json"]))  # how long a run was meant to be may differ
+    d = json.load(open(runs["s1_json"]))  # how long a run was meant to be may differ, and None is not recorded
     d["run"]["flags"]["epochs"] += 10
+    d["run"]["recipe"] = None
     (tmp_path / "longer.json").write_text(json.dumps(d))
     assert seeds_cell(aggregate([("longer", [runs["s0_json"], str(tmp_path / "longer.json")])]), "longer") == "2"
 
