@@ -10,9 +10,10 @@ files ± the sample standard deviation (n - 1 in the denominator); a row of one 
 `--columns` picks and orders the columns by their headers. `--target NAME` reads the classifiers of
 another target of the JSON (e.g. `direction` on Sprites; default `class`, the specified factor), or of
 the attribute protocol of rendered Sprites: `attributes.mean` (their mean), `attributes.hair` (one). A
-column appears when any file has its number; a row shows "–" where any of its files lacks it. The files of a row
-must agree on dataset, code sizes, z source and step, and on the recipe and training flags their run
-records hold (but epochs, max_steps and device), so that seeds of one setting are averaged and nothing else; they must be different training runs (no checkpoint, weights, or training seed and
+column appears when any file has its number; a row shows "–" where any of its files lacks it. The
+files of a row must agree on dataset, code sizes, z source and step, and on the recipe and training
+flags their run records hold (but epochs, max_steps and device), so that seeds of one setting are
+averaged and nothing else; they must be different training runs (no checkpoint, weights, or training seed and
 setting twice: a copy of a file is refused too), and evaluated alike (evaluation seed, threads, device
 and code version as recorded in the JSON's "evaluation"; --allow-mixed-evaluation lets that pass).
 "seeds" counts the distinct training seeds the files record ("run"); a row with a file of the older
