@@ -731,14 +731,25 @@ def numerics_record(args, device):
             "deterministic": bool(args.deterministic)}
 
 
+def cpu_has_native_bf16():
+    """Whether this CPU has bf16 instructions (AVX512-BF16 or AMX), as oneDNN uses them. torch.cpu's
+    probes are private: where they are missing, assume it has (no warning rather than a wrong one)."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe) or not any(probes)
+
+
 def amp_warning(args, device):
     """A warning line when --amp is slow: bf16 on a CUDA GPU without native bf16 (compute capability
-    below 8.0, before Ampere) is emulated, so autocast costs time instead of saving it."""
+    below 8.0, before Ampere) or on a CPU without bf16 instructions is emulated, so autocast costs
+    time instead of saving it (measured in benchmarks/README.md)."""
     if args.amp and device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
         if major < 8:
             return (f"warning: --amp uses bf16, which {torch.cuda.get_device_name(device)} (compute capability "
                     f"{major}.{minor} < 8.0) only emulates: expect it to be slower than without --amp")
+    if args.amp and device.type == "cpu" and not cpu_has_native_bf16():
+        return ("warning: --amp uses bf16, which this CPU (no AVX512-BF16 or AMX) only emulates: expect it to "
+                "be slower than without --amp")
     return None
 
 

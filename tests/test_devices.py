@@ -235,7 +235,24 @@ def test_amp_on_a_gpu_without_native_bf16_warns(monkeypatch, capability, warns):
     if warns:
         assert "7.5 < 8.0" in msg
     assert train.amp_warning(train.get_args_parser().parse_args([]), torch.device("cuda", 0)) is None
-    assert train.amp_warning(args, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("avx512_bf16,amx,warns", [(False, False, True), (True, False, False), (False, True, False)])
+def test_amp_on_a_cpu_without_bf16_instructions_warns(monkeypatch, avx512_bf16, amx, warns):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    args = train.get_args_parser().parse_args(["--amp"])
+    msg = train.amp_warning(args, torch.device("cpu"))
+    assert (msg is not None) == warns
+    if warns:
+        assert "AVX512-BF16" in msg
+    assert train.amp_warning(train.get_args_parser().parse_args([]), torch.device("cpu")) is None
+
+
+def test_amp_on_a_cpu_whose_torch_has_no_bf16_probes_does_not_warn(monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.delattr(torch.cpu, name, raising=False)
+    assert train.amp_warning(train.get_args_parser().parse_args(["--amp"]), torch.device("cpu")) is None
 
 
 def test_average_makes_one_host_read_for_the_values_and_the_stop_flag(monkeypatch):
