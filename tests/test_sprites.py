@@ -2,6 +2,7 @@
 from the LPC sheets (fake sheets, and the real ones where present), its cache, training, and the
 attribute protocol of classify_latents.py."""
 import os
+import sys
 
 import h5py
 import numpy as np
@@ -14,7 +15,7 @@ import classify_latents
 import data_loader
 import evaluation
 import train
-from conftest import SHARED_DATA
+from conftest import ROOT, SHARED_DATA
 from data_loader import (LPC_CROP_LEFT, LPC_CROP_TOP, SPRITES_LAYERS, DataError, PairSampler, load_dataset,
                          load_rendered_sprites, read_lpc_sheet, render_sprites)
 
@@ -264,6 +265,42 @@ def test_attributes_are_fitted_on_train_characters_and_tested_on_test_characters
     assert at["mean"]["chance"] == pytest.approx(sum(at["targets"][n]["chance"] for n in attrs) / len(attrs), abs=1e-4)
     out = capsys.readouterr().out
     assert "Attributes, the published table's protocol" in out and f"| mean | | {at['mean']['chance']:.2f} |" in out
+
+
+def test_pixel_attributes_fit_on_train_pixels_and_test_on_test_pixels(fake_lpc, monkeypatch, tmp_path):
+    """scripts/pixel_attributes.py: the attribute protocol's classifier on the pixels of the train split's
+    characters, tested on the test split's; check_results regenerates its Markdown from the JSON."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import check_results
+    import pixel_attributes
+    monkeypatch.setattr(data_loader, "SPRITES_IDENTITIES", (8, 1, 4))
+    train_set, test_set = (load_dataset("sprites", fake_lpc, s) for s in ("train", "test"))
+    fits, real_fit = [], classify_latents.train_classifier
+
+    def fit_spy(features, labels, *args):
+        fits.append((features, labels, real_fit(features, labels, *args)))
+        return fits[-1][2]
+
+    monkeypatch.setattr(classify_latents, "train_classifier", fit_spy)
+    out = tmp_path / "results" / "pixels.json"
+    res = pixel_attributes.main(pixel_attributes.get_args_parser().parse_args(
+        ["--data-root", fake_lpc, "--epochs", "1", "--out", str(out)]))
+    at = res["attributes"]
+    attrs = [n for n in SPRITES_LAYERS if len(train_set.factors[n].unique()) > 1]
+    assert res["run"] is None and res["data_root"] == fake_lpc and list(at["targets"]) == attrs
+    assert (at["fit_images"], at["test_images"], at["fit_identities"], at["test_identities"]) == (8 * 172, 4 * 172, 8, 4)
+    train_px, test_px = (d.images.flatten(1).float() / 255 for d in (train_set, test_set))
+    assert len(fits) == len(attrs)
+    for (features, labels, model), name in zip(fits, attrs):
+        fit_y, test_y, k = evaluation.dense_labels(train_set.factors[name], test_set.factors[name])
+        assert torch.equal(features, train_px) and torch.equal(labels, fit_y), name
+        row = at["targets"][name]
+        assert row["chance"] == classify_latents.pc(torch.bincount(test_y).max().item() / len(test_y))
+        assert row["mlp"]["pixels_test"] == classify_latents.pc(evaluation.accuracy(model, test_px, test_y))
+    (out.parent / "pixels.md").write_text(pixel_attributes.markdown(res) + "\n")
+    monkeypatch.chdir(tmp_path)
+    assert check_results.regenerate_json_tables() == {os.path.join("results", "pixels.md"):
+                                                      pixel_attributes.markdown(res) + "\n"}
 
 
 def test_sampled_z_of_the_class_rows_does_not_depend_on_the_attributes(fake_lpc, tmp_path, monkeypatch):
