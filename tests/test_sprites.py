@@ -284,15 +284,17 @@ def test_pixel_attributes_fit_on_train_pixels_and_test_on_test_pixels(fake_lpc, 
     monkeypatch.setattr(classify_latents, "train_classifier", fit_spy)
     out = tmp_path / "results" / "pixels.json"
     res = pixel_attributes.main(pixel_attributes.get_args_parser().parse_args(
-        ["--data-root", fake_lpc, "--epochs", "1", "--out", str(out)]))
+        ["--data-root", fake_lpc, "--epochs", "1", "--fit-every", "2", "--out", str(out)]))
     at = res["attributes"]
     attrs = [n for n in SPRITES_LAYERS if len(train_set.factors[n].unique()) > 1]
     assert res["run"] is None and res["data_root"] == fake_lpc and list(at["targets"]) == attrs
-    assert (at["fit_images"], at["test_images"], at["fit_identities"], at["test_identities"]) == (8 * 172, 4 * 172, 8, 4)
+    assert (at["fit_images"], at["test_images"], at["fit_identities"], at["test_identities"]) == (4 * 172, 4 * 172, 8, 4)
+    assert res["fit_every"] == 2  # every other image of each train character, all of the test split
     train_px, test_px = (d.images.flatten(1).float() / 255 for d in (train_set, test_set))
+    train_px = train_px[::2]
     assert len(fits) == len(attrs)
     for (features, labels, model), name in zip(fits, attrs):
-        fit_y, test_y, k = evaluation.dense_labels(train_set.factors[name], test_set.factors[name])
+        fit_y, test_y, k = evaluation.dense_labels(train_set.factors[name][::2], test_set.factors[name])
         assert torch.equal(features, train_px) and torch.equal(labels, fit_y), name
         row = at["targets"][name]
         assert row["chance"] == classify_latents.pc(torch.bincount(test_y).max().item() / len(test_y))
