@@ -281,7 +281,14 @@ def test_pixel_attributes_fit_on_train_pixels_and_test_on_test_pixels(fake_lpc, 
         fits.append((features, labels, real_fit(features, labels, *args)))
         return fits[-1][2]
 
+    probes, real_probe = [], classify_latents.linear_probe
+
+    def probe_spy(fit_x, fit_y, test_x, test_y, seed):
+        probes.append((fit_x, fit_y, test_x, test_y))
+        return real_probe(fit_x, fit_y, test_x, test_y, seed)
+
     monkeypatch.setattr(classify_latents, "train_classifier", fit_spy)
+    monkeypatch.setattr(classify_latents, "linear_probe", probe_spy)
     out = tmp_path / "results" / "pixels.json"
     res = pixel_attributes.main(pixel_attributes.get_args_parser().parse_args(
         ["--data-root", fake_lpc, "--epochs", "1", "--fit-every", "2", "--out", str(out)]))
@@ -292,10 +299,12 @@ def test_pixel_attributes_fit_on_train_pixels_and_test_on_test_pixels(fake_lpc, 
     assert res["fit_every"] == 2  # every other image of each train character, all of the test split
     train_px, test_px = (d.images.flatten(1).float() / 255 for d in (train_set, test_set))
     train_px = train_px[::2]
-    assert len(fits) == len(attrs)
-    for (features, labels, model), name in zip(fits, attrs):
+    assert len(fits) == len(probes) == len(attrs)
+    for (features, labels, model), (fit_x, probe_y, test_x, probe_test_y), name in zip(fits, probes, attrs):
         fit_y, test_y, k = evaluation.dense_labels(train_set.factors[name][::2], test_set.factors[name])
         assert torch.equal(features, train_px) and torch.equal(labels, fit_y), name
+        assert torch.equal(fit_x, train_px) and torch.equal(probe_y, fit_y), name
+        assert torch.equal(test_x, test_px) and torch.equal(probe_test_y, test_y), name
         row = at["targets"][name]
         assert row["chance"] == classify_latents.pc(torch.bincount(test_y).max().item() / len(test_y))
         assert row["mlp"]["pixels_test"] == classify_latents.pc(evaluation.accuracy(model, test_px, test_y))
