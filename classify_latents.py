@@ -110,6 +110,24 @@ def mean_row(rows):
     return mean
 
 
+def attributes_section(train, test, rows, protocol=ATTRIBUTE_RULE):
+    """The JSON's "attributes": the protocol, the two splits' sizes, a row per attribute and their mean."""
+    return {"protocol": protocol, "fit_images": len(train), "test_images": len(test),
+            "fit_identities": len(torch.unique(identities(train))),
+            "test_identities": len(torch.unique(identities(test))),
+            "targets": rows, "mean": mean_row(rows)}
+
+
+def report(res, text, out=None):
+    """Print the Markdown `text` and, given `out`, write the results `res` there as JSON."""
+    print(text)
+    if out:
+        with atomic_write(out, "the results", "w") as f:
+            json.dump(res, f, indent=2, allow_nan=False)
+            f.write("\n")
+    return res
+
+
 def pct(v):
     return "n/a" if v is None else f"{v:.2f}"
 
@@ -250,10 +268,7 @@ def main(args):
         split_codes = {space: (encoded["train"][k], encoded["test"][k]) for k, space in enumerate(("z", "s"))}
         rows = {name: classify_target(name, train.factors[name], test.factors[name], split_codes, args)
                 for name in attributes}
-        res["attributes"] = {"protocol": ATTRIBUTE_RULE, "fit_images": len(train), "test_images": len(test),
-                             "fit_identities": len(torch.unique(identities(train))),
-                             "test_identities": len(torch.unique(identities(test))),
-                             "targets": rows, "mean": mean_row(rows)}
+        res["attributes"] = attributes_section(train, test, rows)
 
     # q(z|x) against the prior, and the errors of decoding from z = mu, on the test images
     mu, logvar, s = posterior_codes(encoder, test_set.images, cfg=cfg)
@@ -278,12 +293,7 @@ def main(args):
                                      **{k: None if r[k] is None else pc(r[k]) for k in ("prior", "swap")}}
                                     for r in sw["by_class"]]}
 
-    print(markdown(res))
-    if args.out:
-        with atomic_write(args.out, "the results", "w") as f:
-            json.dump(res, f, indent=2, allow_nan=False)
-            f.write("\n")
-    return res
+    return report(res, markdown(res), args.out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ values, may underfit 10,800 pixels (its train column says so), and the linear pr
 logistic regression on standardised inputs), the fairer ceiling for a linear reading of s.
 """
 import argparse
-import json
 import os
 import sys
 
@@ -24,8 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import classify_latents  # noqa: E402
 from data_loader import SPRITES_RENDER_VERSION, default_data_root, load_dataset  # noqa: E402
-from evaluation import ATTRIBUTE_RULE, attribute_names, evaluation_settings, identities, subset  # noqa: E402
-from utils import HelpFormatter, UserError, atomic_write, run_cli  # noqa: E402
+from evaluation import ATTRIBUTE_RULE, attribute_names, evaluation_settings, subset  # noqa: E402
+from utils import HelpFormatter, UserError, run_cli  # noqa: E402
 
 FEATURES = "pixels: the images flattened, 3 x 60 x 60 values in [0, 1]"
 
@@ -94,18 +93,10 @@ def main(args):
     res = {"features": FEATURES, "dataset": "sprites", "data_root": root, "render_version": SPRITES_RENDER_VERSION,
            "run": None, "evaluation": evaluation_settings(args.seed, args.threads, "cpu"), "unit": "percent",
            "classifier": {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr},
-           "fit_every": args.fit_every, "attributes": {"protocol": ATTRIBUTE_RULE.replace("the codes of", "the pixels of"),
-                          "fit_images": len(train), "test_images": len(test),
-                          "fit_identities": len(torch.unique(identities(train))),
-                          "test_identities": len(torch.unique(identities(test))),
-                          "targets": rows, "mean": classify_latents.mean_row(rows)}}
-    print(markdown(res))
-    if args.out:
-        with atomic_write(args.out, "the results", "w") as f:
-            json.dump(res, f, indent=2, allow_nan=False)
-            f.write("\n")
-    return res
-
+           "fit_every": args.fit_every,
+           "attributes": classify_latents.attributes_section(
+               train, test, rows, ATTRIBUTE_RULE.replace("the codes of", "the pixels of"))}
+    return classify_latents.report(res, markdown(res), args.out)
 
 if __name__ == "__main__":
     run_cli(main, get_args_parser())
