@@ -40,9 +40,7 @@ def get_args_parser():
     p.add_argument("--z-source", default="mean", choices=Z_SOURCES,
                    help="z = the mean of q(z|x), or one reparameterised draw from it (the reference's README "
                         "reports its accuracies after reparameterisation)")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs of each latent classifier")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size of the latent classifiers")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the latent classifiers")
+    add_classifier_args(p)
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of each class held out for testing, where the test split's classes are unseen "
                         "in training (Sprites); unused on MNIST")
@@ -62,6 +60,13 @@ def get_args_parser():
                         "machine idle threads spin against the other processes (several times slower)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     return p
+
+
+def add_classifier_args(p):
+    """--epochs, --batch-size and --lr of the latent classifiers (scripts/pixel_attributes.py fits the same)."""
+    p.add_argument("--epochs", type=int, default=10, help="training epochs of each latent classifier")
+    p.add_argument("--batch-size", type=int, default=256, help="batch size of the latent classifiers")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the latent classifiers")
 
 
 def train_flags():

@@ -35,9 +35,7 @@ def get_args_parser():
     p.add_argument("--data-root", default=None, help="folder holding lpc-sprites/ (default: $DISENTANGLE_DATA_ROOT "
                                                      "or ./data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the classifiers (weights and batch order)")
-    p.add_argument("--epochs", type=int, default=10, help="training epochs of each classifier")
-    p.add_argument("--batch-size", type=int, default=256, help="batch size of the classifiers")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of the classifiers")
+    classify_latents.add_classifier_args(p)
     p.add_argument("--fit-every", type=int, default=1,
                    help="fit on every Nth image of the train split only (all its characters, 1/N of their poses): "
                         "a fit on 86,000 x 10,800 pixels takes hours on a CPU")
