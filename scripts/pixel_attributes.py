@@ -96,5 +96,6 @@ def main(args):
                train, test, rows, ATTRIBUTE_RULE.replace("the codes of", "the pixels of"))}
     return classify_latents.report(res, markdown(res), args.out)
 
+
 if __name__ == "__main__":
     run_cli(main, get_args_parser())

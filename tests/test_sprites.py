@@ -295,6 +295,7 @@ def test_pixel_attributes_fit_on_train_pixels_and_test_on_test_pixels(fake_lpc, 
     at = res["attributes"]
     attrs = [n for n in SPRITES_LAYERS if len(train_set.factors[n].unique()) > 1]
     assert res["run"] is None and res["data_root"] == fake_lpc and list(at["targets"]) == attrs
+    assert at["protocol"].startswith("attributes: classifiers fitted on the pixels of the train split's characters")
     assert (at["fit_images"], at["test_images"], at["fit_identities"], at["test_identities"]) == (4 * 172, 4 * 172, 8, 4)
     assert res["fit_every"] == 2  # every other image of each train character, all of the test split
     train_px, test_px = (d.images.flatten(1).float() / 255 for d in (train_set, test_set))
